@@ -1,0 +1,1 @@
+"""Hydra configs, datasets, and the training/evaluation engine of assignbench."""

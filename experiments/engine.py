@@ -1,0 +1,524 @@
+"""Training and evaluation engine: one run of one variant, resumable and crash-safe.
+
+The engine turns a resolved config into ``results/<grid>/<run>/{config.yaml, metrics.json,
+stats.csv}`` (ARCHITECTURE.md, results contract). It owns the optimiser, the schedule,
+checkpoints, distributed setup and the statistics; the detector, assigner and scorer are
+built from plain arguments and know nothing of configs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import dataclasses
+import io
+import math
+import os
+import random
+import resource
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from .runfiles import StatsWriter, atomic_write_bytes, atomic_write_text, read_metrics, write_metrics
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a NaN/Inf loss; the message names the iteration and the loss terms."""
+
+
+class RunInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; a checkpoint was written and the run can be resumed."""
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> DistInfo:
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def select_device(name: str, dist_info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda was asked for, but CUDA is not available")
+        return torch.device("cuda", dist_info.local_rank)
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float, bias_lr_factor: float):
+    """SGD as in maskrcnn-benchmark (ATSS/PAA): biases get ``bias_lr_factor`` x LR and no weight decay."""
+    weights, biases = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (biases if name.endswith(".bias") else weights).append(p)
+    groups = [
+        {"params": weights, "lr": lr, "weight_decay": weight_decay},
+        {"params": biases, "lr": lr * bias_lr_factor, "weight_decay": 0.0},
+    ]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
+def lr_factor(it: int, warmup_iters: int, warmup_factor: float, steps: list[int], gamma: float) -> float:
+    """Constant warmup at ``warmup_factor`` for the first iterations, then step decay by ``gamma``."""
+    factor = warmup_factor if it < warmup_iters else 1.0
+    return factor * gamma ** bisect.bisect_right(sorted(steps), it)
+
+
+def infinite_batches(loader, sampler_seed: int) -> Iterator:
+    """Cycle a DataLoader forever; each pass reshuffles with a distinct seed."""
+    epoch = 0
+    while True:
+        sampler = loader.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(sampler_seed + epoch)
+        elif hasattr(loader, "generator") and loader.generator is not None:
+            loader.generator.manual_seed(sampler_seed + epoch)
+        yield from loader
+        epoch += 1
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------- run
+
+
+@dataclasses.dataclass
+class RunPaths:
+    run_dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.run_dir / "metrics.json"
+
+    @property
+    def stats(self) -> Path:
+        return self.run_dir / "stats.csv"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.run_dir / "assignments.npz"
+
+
+def base_metrics(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    return {
+        "status": None,
+        "error": None,
+        "AP": None,
+        "AP50": None,
+        "AP75": None,
+        "APs": None,
+        "APm": None,
+        "APl": None,
+        "iou_pred_error": None,
+        "iters": 0,
+        "train_seconds": 0.0,
+        "images_per_second": None,
+        "peak_memory_mb": None,
+        "seed": int(cfg.seed),
+        "assigner": str(cfg.assigner.name),
+        "scorer": str(cfg.scorer.name),
+        "overrides": list(overrides),
+        "ap_curve": [],
+    }
+
+
+def record_failure(paths: RunPaths, cfg: DictConfig, overrides: list[str], error: str, **extra: Any) -> None:
+    """Mark the run failed in ``metrics.json`` without touching its checkpoint or stats."""
+    metrics = base_metrics(cfg, overrides)
+    metrics.update(extra)
+    metrics["status"] = "failed"
+    metrics["error"] = error
+    write_metrics(paths.metrics, metrics)
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between iterations."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not in the main thread (e.g. a launcher's worker thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _outputs_to_float(out):
+    """Autocast leaves head outputs in bf16; losses and assignment run in float32."""
+    changes = {}
+    for f in ("cls_logits", "box_deltas", "quality"):
+        v = getattr(out, f, None)
+        if v is not None and v.dtype != torch.float32:
+            changes[f] = v.float()
+    return dataclasses.replace(out, **changes) if changes else out
+
+
+def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train and evaluate one run; returns its metrics (also written to ``metrics.json``).
+
+    Raises NonFiniteLossError / RunInterrupted / any build error to the caller, which records
+    the failure; a checkpoint written before the fault stays in place.
+    """
+    import hydra.utils
+
+    import assigners  # noqa: F401  (imported for the registry behind cfg.assigner._target_)
+    from detector import DetectionLoss, build_scorer
+    from experiments.data import build_dataset, collate
+
+    from .evaluation import coco_evaluate, run_inference, summarize_ap
+
+    overrides = list(overrides or [])
+    paths = RunPaths(Path(run_dir))
+    dist_info = setup_distributed()
+    device = select_device(str(cfg.device), dist_info)
+    seed_everything(int(cfg.seed) + dist_info.rank)
+    torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
+
+    sched = cfg.schedule
+    total_batch = int(sched.batch_size)
+    if total_batch % dist_info.world_size:
+        raise ValueError(
+            f"schedule.batch_size={total_batch} is not divisible by the {dist_info.world_size} processes"
+        )
+    local_batch = total_batch // dist_info.world_size
+    iters = int(sched.iters)
+    if iters <= 0:
+        raise ValueError(f"schedule.iters must be > 0, got {iters}")
+
+    # ---- build everything before training, so config and data errors fail fast
+    assigner = hydra.utils.instantiate(cfg.assigner)
+    scorer = build_scorer(str(cfg.scorer.name))
+    data = cfg.data
+    digits_params = OmegaConf.to_container(data.digits, resolve=True) if "digits" in data else None
+    common = dict(root=data.root, digits_params=digits_params)
+    train_set = build_dataset(
+        data.name, data.train_split, train=True, min_size=OmegaConf.to_object(sched.min_size)
+        if OmegaConf.is_list(sched.min_size) else sched.min_size,
+        max_size=sched.max_size, flip_prob=data.flip_prob, **common,
+    )
+    val_set = build_dataset(
+        data.name, data.val_split, train=False, min_size=sched.test_min_size, max_size=sched.max_size,
+        flip_prob=0.0, **common,
+    )
+    for ds in (train_set, val_set):
+        if hasattr(ds, "validate"):
+            ds.validate()
+    if cfg.eval.max_images:
+        val_set = torch.utils.data.Subset(val_set, range(min(int(cfg.eval.max_images), len(val_set))))
+    val_base = val_set.dataset if isinstance(val_set, torch.utils.data.Subset) else val_set
+
+    model = hydra.utils.instantiate(
+        cfg.model, num_classes=train_set.num_classes, use_quality=scorer.uses_quality_branch
+    ).to(device)
+    loss_cfg = cfg.scorer.loss
+    criterion = DetectionLoss(
+        assigner,
+        scorer,
+        train_set.num_classes,
+        cls_weight=float(loss_cfg.cls_weight),
+        box_weight=float(loss_cfg.box_weight),
+        quality_weight=float(loss_cfg.quality_weight),
+    )
+    lr = float(sched.base_lr) * total_batch / 16.0
+    optimizer = build_optimizer(model, lr, float(sched.momentum), float(sched.weight_decay), float(sched.bias_lr_factor))
+    steps = [int(round(s * iters)) if isinstance(s, float) and s <= 1.0 else int(s) for s in sched.steps]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda it: lr_factor(it, int(sched.warmup_iters), float(sched.warmup_factor), steps, float(sched.gamma)),
+    )
+    eval_iters = sorted({max(1, int(round(f * iters))) for f in cfg.eval.curve_fractions} | {iters})
+
+    # ---- resume
+    start_iter, train_seconds, ap_curve = 0, 0.0, []
+    ckpt = load_checkpoint(paths.checkpoint)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_iter = int(ckpt["iter"])
+        train_seconds = float(ckpt["train_seconds"])
+        ap_curve = [list(p) for p in ckpt["ap_curve"]]
+        if dist_info.is_main:
+            print(f"[assignbench] resuming {paths.run_dir} from iteration {start_iter}")
+
+    train_model = model
+    if dist_info.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    if dist_info.world_size > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(train_set, shuffle=True, seed=int(cfg.seed))
+        generator = None
+    else:
+        generator = torch.Generator().manual_seed(int(cfg.seed) + start_iter)
+        sampler = torch.utils.data.RandomSampler(train_set, generator=generator)
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=local_batch,
+        sampler=sampler,
+        num_workers=int(data.num_workers),
+        collate_fn=collate,
+        drop_last=True,
+        persistent_workers=int(data.num_workers) > 0,
+        generator=generator,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_set, batch_size=int(cfg.eval.batch_size), shuffle=False, num_workers=int(data.num_workers),
+        collate_fn=collate,
+    )
+    autocast_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.get("amp", True)) else None
+    inference_cfg = dict(OmegaConf.to_container(cfg.inference, resolve=True))
+
+    stats = StatsWriter(paths.stats, resume_iter=start_iter) if dist_info.is_main else None
+    log_every = max(1, int(sched.log_every))
+    window: dict[str, list[float]] = {}
+    batches = infinite_batches(loader, int(cfg.seed) * 100003 + start_iter)
+
+    def evaluate() -> tuple[dict[str, float], float | None]:
+        results, iou_err = run_inference(
+            model, val_loader, device, scorer, inference_cfg, val_base.label_to_category_id, autocast_dtype
+        )
+        if dist_info.world_size > 1:  # every process evaluated the full val set; rank 0 scores it
+            dist.barrier()
+        return coco_evaluate(val_base.coco, results, str(cfg.eval.backend)), iou_err
+
+    def checkpoint(it: int) -> None:
+        if dist_info.is_main:
+            save_checkpoint(
+                paths.checkpoint,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "iter": it,
+                    "train_seconds": train_seconds,
+                    "ap_curve": ap_curve,
+                },
+            )
+        if dist_info.world_size > 1:
+            dist.barrier()
+
+    progress = None
+    if dist_info.is_main and cfg.get("progress", True):
+        from tqdm import tqdm
+
+        progress = tqdm(total=iters, initial=start_iter, desc=paths.run_dir.name, dynamic_ncols=True, leave=False)
+
+    final_ap: dict[str, float] | None = None
+    iou_err: float | None = None
+    it = start_iter
+    try:
+        with _StopFlag() as stop:
+            model.train()
+            while it < iters:
+                t0 = time.perf_counter()
+                images, targets = next(batches)
+                images = images.to(device, non_blocking=True)
+                targets = [
+                    {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets
+                ]
+                ctx = (
+                    torch.autocast(device_type=device.type, dtype=autocast_dtype)
+                    if autocast_dtype is not None
+                    else contextlib.nullcontext()
+                )
+                with ctx:
+                    out = train_model(images)
+                losses, info = criterion(_outputs_to_float(out), targets)
+                total = sum(losses.values())
+                if not torch.isfinite(total):
+                    terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+                    raise NonFiniteLossError(f"non-finite loss at iteration {it + 1}: {terms}")
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                scheduler.step()
+                it += 1
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                step_seconds = time.perf_counter() - t0
+                train_seconds += step_seconds
+
+                row = {k: float(v) for k, v in losses.items()}
+                row.update({k: float(info[k]) for k in (
+                    "num_gt", "num_pos", "pos_per_gt_mean", "pos_per_gt_std", "pos_iou_mean",
+                    "gt_without_pos", "assign_ms")})
+                for k, v in row.items():
+                    window.setdefault(k, []).append(v)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{float(total):.3f}", ips=f"{total_batch / step_seconds:.1f}")
+                if it % log_every == 0 or it == iters:
+                    if stats is not None:
+                        stats.write({"iter": it, **{k: float(np.mean(v)) for k, v in window.items()}})
+                    window.clear()
+
+                if it in eval_iters:
+                    ap, iou_err = evaluate()
+                    ap_curve.append([it, ap["AP"]])
+                    if progress is not None:
+                        progress.write(f"[{paths.run_dir.name}] iter {it}: {summarize_ap(ap)}")
+                    if it == iters:
+                        final_ap = ap
+                    if cfg.eval.snapshots:
+                        _record_snapshot(paths.snapshots, model, assigner, val_base, device, it, autocast_dtype)
+                    checkpoint(it)
+                elif it % int(sched.checkpoint_every) == 0:
+                    checkpoint(it)
+                if stop.signum is not None and it < iters:
+                    checkpoint(it)
+                    raise RunInterrupted(
+                        f"signal {signal.Signals(stop.signum).name} at iteration {it}; checkpoint written, rerun to resume"
+                    )
+    finally:
+        if progress is not None:
+            progress.close()
+        if stats is not None:
+            stats.close()
+
+    if final_ap is None:  # resumed exactly at the end: the last checkpoint was taken after the final eval
+        final_ap, iou_err = evaluate()
+    metrics = base_metrics(cfg, overrides)
+    metrics.update(final_ap)
+    metrics.update(
+        status="done",
+        iou_pred_error=iou_err if iou_err is None or math.isfinite(iou_err) else None,
+        iters=it,
+        train_seconds=round(train_seconds, 3),
+        images_per_second=round(it * total_batch / train_seconds, 3) if train_seconds > 0 else None,
+        peak_memory_mb=round(peak_memory_mb(device), 1),
+        ap_curve=ap_curve,
+    )
+    if dist_info.is_main:
+        write_metrics(paths.metrics, metrics)
+    return metrics
+
+
+@torch.no_grad()
+def _record_snapshot(path: Path, model, assigner, val_set, device, it: int, autocast_dtype) -> None:
+    """Store the assignment of a fixed val image (index 0) at this iteration, for Fig. 4a-style plots.
+
+    The file holds, per recorded iteration, ``gt_index_<iter>`` (A,) next to the image's
+    ``anchors`` (A, 4), ``gt_boxes`` (G, 4) and ``image`` (H, W, 3) uint8.
+    """
+    from assigners import AssignInputs
+    from detector import pad_targets
+
+    image, target = val_set[0]
+    was_training = model.training
+    model.eval()
+    h, w = image.shape[-2:]
+    pad_h, pad_w = (-h) % 32, (-w) % 32
+    batch = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h)).unsqueeze(0).to(device)
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with ctx:
+        out = model(batch)
+    out = _outputs_to_float(out)
+    gt_boxes, gt_labels, gt_mask = pad_targets([{k: v.to(device) if torch.is_tensor(v) else v
+                                                 for k, v in target.items()}], device)
+    pred = model.decode(out)
+    assignment = assigner(
+        AssignInputs(
+            anchors=out.anchors,
+            num_anchors_per_level=out.num_anchors_per_level,
+            gt_boxes=gt_boxes,
+            gt_labels=gt_labels,
+            gt_mask=gt_mask,
+            cls_logits=out.cls_logits.detach(),
+            pred_boxes=pred.detach(),
+        )
+    )
+    if was_training:
+        model.train()
+    arrays: dict[str, np.ndarray] = {}
+    if path.exists():
+        with np.load(path) as old:
+            arrays = {k: old[k] for k in old.files}
+    arrays["anchors"] = out.anchors.cpu().numpy()
+    arrays["num_anchors_per_level"] = np.asarray(out.num_anchors_per_level)
+    arrays["gt_boxes"] = target["boxes"].cpu().numpy()
+    arrays["image"] = (image.permute(1, 2, 0).clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
+    arrays[f"gt_index_{it}"] = assignment.gt_index[0].cpu().numpy()
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_resolved_config(paths: RunPaths, cfg: DictConfig) -> None:
+    atomic_write_text(paths.config, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def run_is_done(paths: RunPaths) -> bool:
+    m = read_metrics(paths.metrics)
+    return bool(m and m.get("status") == "done")

@@ -1,0 +1,88 @@
+"""``assignbench-train``: the Hydra app that trains and evaluates one run per job.
+
+    assignbench-train data=digits schedule=quick assigner=iou          # results/single/iou+none-s0/
+    assignbench-train -m grid=demo                                     # every variant of a grid
+
+A run whose ``metrics.json`` says done is skipped; an interrupted run resumes from its
+checkpoint; a failed run is recorded as failed and, in a multirun, the grid goes on.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from .engine import (
+    NonFiniteLossError,
+    RunInterrupted,
+    RunPaths,
+    record_failure,
+    run_is_done,
+    train_run,
+    write_resolved_config,
+)
+from .runfiles import RunLock, read_metrics
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    return Path(str(cfg.results_root)) / str(cfg.grid.name) / str(cfg.run_name)
+
+
+def execute(cfg: DictConfig, overrides: list[str], raise_on_failure: bool) -> dict | None:
+    """Run one job with skip/lock/failure handling; returns its metrics (None if skipped by lock)."""
+    paths = RunPaths(run_dir_of(cfg))
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    if run_is_done(paths):
+        print(f"[assignbench] {paths.run_dir}: already done, skipped")
+        return read_metrics(paths.metrics)
+    lock = RunLock(paths.run_dir)
+    if not lock.acquire():
+        print(f"[assignbench] {paths.run_dir}: another process holds its lock, skipped")
+        return None
+    try:
+        if run_is_done(paths):  # finished by another process while we waited for the lock
+            return read_metrics(paths.metrics)
+        write_resolved_config(paths, cfg)
+        try:
+            metrics = train_run(cfg, paths.run_dir, overrides)
+        except RunInterrupted as exc:
+            print(f"[assignbench] {paths.run_dir}: interrupted: {exc}", file=sys.stderr)
+            raise SystemExit(130) from None
+        except Exception as exc:  # recorded, never allowed to take the other runs down
+            error = f"{type(exc).__name__}: {exc}"
+            record_failure(paths, cfg, overrides, error)
+            print(f"[assignbench] {paths.run_dir}: FAILED: {error}", file=sys.stderr)
+            if not isinstance(exc, NonFiniteLossError):
+                traceback.print_exc()
+            if raise_on_failure:
+                raise SystemExit(1) from None
+            return read_metrics(paths.metrics)
+        print(
+            f"[assignbench] {paths.run_dir}: AP {metrics['AP']:.1f} (AP50 {metrics['AP50']:.1f}, "
+            f"AP75 {metrics['AP75']:.1f}), {metrics['images_per_second']} img/s, "
+            f"{metrics['train_seconds']:.0f} s training; results in {paths.run_dir}"
+        )
+        return metrics
+    finally:
+        lock.release()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    multirun = hc.mode == RunMode.MULTIRUN
+    metrics = execute(cfg, overrides, raise_on_failure=not multirun)
+    if metrics and metrics.get("status") == "done":
+        return metrics.get("AP")
+    return None
+
+
+if __name__ == "__main__":
+    main()
