@@ -12,6 +12,7 @@ import bisect
 import contextlib
 import dataclasses
 import io
+import json
 import math
 import os
 import random
@@ -140,6 +141,10 @@ class RunPaths:
     @property
     def checkpoint(self) -> Path:
         return self.run_dir / "checkpoints" / "last.pt"
+
+    @property
+    def detections(self) -> Path:
+        return self.run_dir / "detections.json"
 
     @property
     def snapshots(self) -> Path:
@@ -345,12 +350,15 @@ def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
     window: dict[str, list[float]] = {}
     batches = infinite_batches(loader, int(cfg.seed) * 100003 + start_iter)
 
+    last_results: list[dict] = []
+
     def evaluate() -> tuple[dict[str, float], float | None]:
         results, iou_err = run_inference(
             model, val_loader, device, scorer, inference_cfg, val_base.label_to_category_id, autocast_dtype
         )
         if dist_info.world_size > 1:  # every process evaluated the full val set; rank 0 scores it
             dist.barrier()
+        last_results[:] = results
         return coco_evaluate(val_base.coco, results, str(cfg.eval.backend)), iou_err
 
     def checkpoint(it: int) -> None:
@@ -410,7 +418,7 @@ def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
                 step_seconds = time.perf_counter() - t0
                 train_seconds += step_seconds
 
-                row = {k: float(v) for k, v in losses.items()}
+                row = {k: float(v.detach()) for k, v in losses.items()}
                 row.update({k: float(info[k]) for k in (
                     "num_gt", "num_pos", "pos_per_gt_mean", "pos_per_gt_std", "pos_iou_mean",
                     "gt_without_pos", "assign_ms")})
@@ -461,6 +469,8 @@ def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
         ap_curve=ap_curve,
     )
     if dist_info.is_main:
+        # The final detections as COCO results, so any COCO tool can re-score them.
+        atomic_write_text(paths.detections, json.dumps(last_results))
         write_metrics(paths.metrics, metrics)
     return metrics
 

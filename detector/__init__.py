@@ -1,0 +1,47 @@
+"""The shared dense detector: backbone, FPN, head, anchors, box coder, losses, scorers, inference.
+
+Typical use::
+
+    model = Detector(num_classes=80, backbone="resnet50", weights="ResNet50_Weights.IMAGENET1K_V1")
+    out = model(images)  # DetectorOutput
+    losses, info = DetectionLoss(assigner, build_scorer("iou"), 80)(out, targets)
+    detections = postprocess(out, image_sizes, build_scorer("iou"), score_voting=True)
+"""
+
+from .anchors import make_anchors
+from .backbone import ResNetBackbone, group_norm, num_groups_for
+from .box_coder import BoxCoder
+from .fpn import FPN
+from .head import DenseHead, Scale, flatten_levels
+from .losses import DetectionLoss, crowd_overlap, loss_normalizers, pad_boxes, pad_targets
+from .model import Detector, DetectorOutput
+from .postprocess import postprocess, score_vote
+from .scorers import SCORERS, CenternessScorer, IoUScorer, NoScorer, build_scorer, centerness, elementwise_box_iou
+
+__all__ = [
+    "FPN",
+    "SCORERS",
+    "BoxCoder",
+    "CenternessScorer",
+    "DenseHead",
+    "DetectionLoss",
+    "Detector",
+    "DetectorOutput",
+    "IoUScorer",
+    "NoScorer",
+    "ResNetBackbone",
+    "Scale",
+    "build_scorer",
+    "centerness",
+    "crowd_overlap",
+    "elementwise_box_iou",
+    "flatten_levels",
+    "group_norm",
+    "loss_normalizers",
+    "make_anchors",
+    "num_groups_for",
+    "pad_boxes",
+    "pad_targets",
+    "postprocess",
+    "score_vote",
+]

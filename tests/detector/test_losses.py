@@ -1,0 +1,199 @@
+"""Losses on hand-built outputs with a fixed assigner, so every value can be computed by hand.
+
+With logits 0 (p = 1/2), alpha = 0.25 and gamma = 2, the focal loss of one class is
+    positive: -alpha * (1 - p)^2 * log p       = 0.25 * 0.25 * ln 2 = 0.0625 ln 2
+    negative: -(1 - alpha) * p^2 * log(1 - p)  = 0.75 * 0.25 * ln 2 = 0.1875 ln 2
+and BCE-with-logits at logit 0 is ln 2 whatever the target.
+"""
+
+import math
+
+import pytest
+import torch
+
+import assigners
+from detector import DetectionLoss, DetectorOutput, build_scorer, crowd_overlap, loss_normalizers, pad_targets
+from detector.losses import QUALITY_SUM_EPS
+
+LN2 = math.log(2.0)
+FOCAL_POS = 0.0625 * LN2
+FOCAL_NEG = 0.1875 * LN2
+
+
+class FixedAssigner:
+    """Returns a given gt_index and remembers what it was called with."""
+
+    def __init__(self, gt_index):
+        self.gt_index = torch.as_tensor(gt_index, dtype=torch.int64)
+        self.inputs = None
+
+    def __call__(self, inputs):
+        self.inputs = inputs
+        return assigners.Assignment(gt_index=self.gt_index.clone())
+
+
+def zero_output(anchors, batch=1, num_classes=2, quality=True):
+    """Output with all logits and deltas 0: every predicted box equals its anchor, p = 1/2."""
+    anchors = torch.as_tensor(anchors, dtype=torch.float32)
+    num_anchors = anchors.shape[0]
+    return DetectorOutput(
+        cls_logits=torch.zeros(batch, num_anchors, num_classes, requires_grad=True),
+        box_deltas=torch.zeros(batch, num_anchors, 4, requires_grad=True),
+        quality=torch.zeros(batch, num_anchors, requires_grad=True) if quality else None,
+        anchors=anchors,
+        num_anchors_per_level=[num_anchors],
+        strides=[8],
+    )
+
+
+def target(boxes, labels, crowd=None):
+    t = {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+    }
+    if crowd is not None:
+        t["crowd_boxes"] = torch.tensor(crowd, dtype=torch.float32).reshape(-1, 4)
+    return t
+
+
+def values(losses):
+    return {k: v.item() for k, v in losses.items()}
+
+
+@pytest.mark.parametrize(
+    ("scorer", "quality_target"),
+    [("iou", 0.5), ("centerness", math.sqrt(4 / 4 * 4 / 12)), ("none", None)],
+)
+def test_one_anchor_by_hand(scorer, quality_target):
+    # Anchor (= predicted box) [0, 0, 8, 8], GT [0, 0, 8, 16] of class 0 among C = 2.
+    # IoU = 64 / 128 = 1/2; the enclosing box is the GT (area 128 = union), so GIoU = 1/2, loss 1/2.
+    # Centerness of the anchor centre (4, 4) in the GT: l = r = 4, t = 4, b = 12.
+    out = zero_output([[0.0, 0.0, 8.0, 8.0]], quality=scorer != "none")
+    loss = DetectionLoss(FixedAssigner([[0]]), build_scorer(scorer), num_classes=2)
+    losses, info = loss(out, [target([[0.0, 0.0, 8.0, 16.0]], [0])])
+    got = values(losses)
+    assert got["loss_cls"] == pytest.approx(1.0 * (FOCAL_POS + FOCAL_NEG), rel=1e-5)
+    # One positive: the quality weight cancels in sum(w * l) / sum(w).
+    assert got["loss_box"] == pytest.approx(1.3 * 0.5, rel=1e-5)
+    assert got["loss_quality"] == pytest.approx(0.5 * LN2 if quality_target is not None else 0.0, rel=1e-5)
+    assert info["num_pos"] == 1 and info["num_gt"] == 1 and info["assign_ms"] >= 0.0
+    if quality_target is not None:
+        # d loss_quality / d logit = 0.5 * (sigmoid(0) - target): checks the target itself.
+        sum(losses.values()).backward()
+        assert float(out.quality.grad[0, 0]) == pytest.approx(0.5 * (0.5 - quality_target), rel=1e-5)
+
+
+def test_quality_weighted_box_normalisation_by_hand():
+    # Two positives on identical anchors [0, 0, 8, 8] for two GTs:
+    #   GT0 [0, 0, 8, 16]: IoU 1/2 = GIoU, loss 0.5;  GT1 [2, 0, 10, 8]: IoU 48/80 = 0.6 = GIoU, loss 0.4.
+    anchors = [[0.0, 0.0, 8.0, 8.0]] * 2
+    gt = target([[0.0, 0.0, 8.0, 16.0], [2.0, 0.0, 10.0, 8.0]], [0, 1])
+    iou_losses, _ = DetectionLoss(FixedAssigner([[0, 1]]), build_scorer("iou"), 2)(zero_output(anchors), [gt])
+    plain_losses, _ = DetectionLoss(FixedAssigner([[0, 1]]), build_scorer("none"), 2)(
+        zero_output(anchors, quality=False), [gt]
+    )
+    # IoU-weighted: (0.5 * 0.5 + 0.6 * 0.4) / (0.5 + 0.6); unweighted: (0.5 + 0.4) / 2.
+    assert iou_losses["loss_box"].item() == pytest.approx(1.3 * 0.49 / 1.1, rel=1e-5)
+    assert plain_losses["loss_box"].item() == pytest.approx(1.3 * 0.45, rel=1e-5)
+    # Classification and quality are divided by the 2 positives.
+    assert iou_losses["loss_cls"].item() == pytest.approx(2 * (FOCAL_POS + FOCAL_NEG) / 2, rel=1e-5)
+    assert iou_losses["loss_quality"].item() == pytest.approx(0.5 * 2 * LN2 / 2, rel=1e-5)
+
+
+def test_ignored_anchors_leave_the_classification_loss():
+    out = zero_output([[0.0, 0.0, 8.0, 8.0]] * 3)
+    losses, _ = DetectionLoss(FixedAssigner([[0, assigners.IGNORED, assigners.NEGATIVE]]), build_scorer("iou"), 2)(
+        out, [target([[0.0, 0.0, 8.0, 16.0]], [1])]
+    )
+    assert losses["loss_cls"].item() == pytest.approx((FOCAL_POS + FOCAL_NEG) + 2 * FOCAL_NEG, rel=1e-5)
+
+
+def test_crowd_boxes_ignore_overlapping_negatives():
+    # Anchor 0 positive; anchor 1 negative, half covered by the crowd box; anchor 2 negative, a quarter covered.
+    anchors = [[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0], [40.0, 0.0, 50.0, 10.0]]
+    crowd = [[25.0, 0.0, 45.0, 10.0], [-100.0, -100.0, 100.0, -90.0]]  # the second covers nothing
+    gt = target([[0.0, 0.0, 10.0, 20.0]], [0], crowd=crowd)
+    torch.testing.assert_close(
+        crowd_overlap(torch.tensor(anchors), torch.tensor([crowd]), torch.ones(1, 2, dtype=torch.bool)),
+        torch.tensor([[0.0, 0.5, 0.5]]),
+    )
+    loss = DetectionLoss(FixedAssigner([[0, -1, -1]]), build_scorer("iou"), 2, crowd_ignore_iof=0.5)
+    with_crowd, _ = loss(zero_output(anchors), [gt])
+    without_crowd, _ = loss(zero_output(anchors), [target([[0.0, 0.0, 10.0, 20.0]], [0])])
+    pos, neg_anchor = FOCAL_POS + FOCAL_NEG, 2 * FOCAL_NEG
+    assert without_crowd["loss_cls"].item() == pytest.approx(pos + 2 * neg_anchor, rel=1e-5)
+    # IoF 0.5 >= 0.5 ignores both negatives; the positive stays (crowd never removes positives).
+    assert with_crowd["loss_cls"].item() == pytest.approx(pos, rel=1e-5)
+    strict = DetectionLoss(FixedAssigner([[0, -1, -1]]), build_scorer("iou"), 2, crowd_ignore_iof=0.6)
+    assert strict(zero_output(anchors), [gt])[0]["loss_cls"].item() == pytest.approx(pos + 2 * neg_anchor, rel=1e-5)
+    # A crowd box over the positive anchor leaves it positive.
+    over_positive = target([[0.0, 0.0, 10.0, 20.0]], [0], crowd=[[0.0, 0.0, 10.0, 10.0]])
+    assert loss(zero_output(anchors), [over_positive])[0]["loss_cls"].item() == pytest.approx(
+        pos + 2 * neg_anchor, rel=1e-5
+    )
+
+
+def test_zero_gt_images_stay_finite_with_the_iou_assigner():
+    anchors = [[0.0, 0.0, 8.0, 8.0], [8.0, 0.0, 16.0, 8.0], [0.0, 8.0, 8.0, 16.0]]
+    loss = DetectionLoss(assigners.build("iou"), build_scorer("iou"), 2)
+    empty = target([], [])
+
+    out = zero_output(anchors, batch=2)
+    losses, info = loss(out, [target([[0.0, 0.0, 8.0, 8.0]], [1]), empty])
+    assert all(math.isfinite(v) for v in values(losses).values())
+    assert info["num_gt"] == 1 and info["num_pos"] == 1
+    sum(losses.values()).backward()
+    assert torch.isfinite(out.box_deltas.grad).all() and torch.isfinite(out.quality.grad).all()
+
+    out = zero_output(anchors, batch=2)
+    losses, info = loss(out, [empty, empty])
+    # No positives: every anchor-class pair is a negative, normalised by max(0, 1) = 1.
+    assert losses["loss_cls"].item() == pytest.approx(2 * 3 * 2 * FOCAL_NEG, rel=1e-5)
+    assert losses["loss_box"].item() == 0.0 and losses["loss_quality"].item() == 0.0
+    assert info["num_gt"] == 0 and info["num_pos"] == 0 and info["pos_iou_mean"] == 0.0
+    sum(losses.values()).backward()
+    assert float(out.box_deltas.grad.abs().sum()) == 0.0
+
+
+def test_assigner_gets_detached_predictions_and_info_holds_its_assignment():
+    assigner = FixedAssigner([[0, -1]])
+    out = zero_output([[0.0, 0.0, 8.0, 8.0], [8.0, 0.0, 16.0, 8.0]])
+    _, info = DetectionLoss(assigner, build_scorer("iou"), 2)(out, [target([[0.0, 0.0, 8.0, 8.0]], [0])])
+    inputs = assigner.inputs
+    assert not inputs.cls_logits.requires_grad and not inputs.pred_boxes.requires_grad
+    torch.testing.assert_close(inputs.pred_boxes[0], out.anchors)  # zero deltas decode to the anchors
+    assert inputs.gt_mask.tolist() == [[True]]
+    assert torch.equal(info["assignment"].gt_index, torch.tensor([[0, -1]]))
+    assert info["pos_iou_mean"] == pytest.approx(1.0)
+
+
+def test_scorer_must_match_the_quality_branch():
+    out = zero_output([[0.0, 0.0, 8.0, 8.0]], quality=False)
+    with pytest.raises(ValueError, match="use_quality=True"):
+        DetectionLoss(FixedAssigner([[0]]), build_scorer("iou"), 2)(out, [target([[0.0, 0.0, 8.0, 8.0]], [0])])
+    out = zero_output([[0.0, 0.0, 8.0, 8.0]], quality=True)
+    with pytest.raises(ValueError, match="use_quality=False"):
+        DetectionLoss(FixedAssigner([[0]]), build_scorer("none"), 2)(out, [target([[0.0, 0.0, 8.0, 8.0]], [0])])
+
+
+def test_pad_targets():
+    gt_boxes, gt_labels, gt_mask = pad_targets([target([[1.0, 2.0, 3.0, 4.0]], [5]), target([], [])])
+    assert gt_boxes.shape == (2, 1, 4) and gt_labels.tolist() == [[5], [0]] and gt_mask.tolist() == [[True], [False]]
+    gt_boxes, gt_labels, gt_mask = pad_targets([target([], []), target([], [])])
+    assert gt_boxes.shape == (2, 0, 4) and gt_labels.shape == (2, 0) and gt_mask.shape == (2, 0)
+
+
+def test_normalizers_with_a_fake_all_reduce():
+    # Two processes: (3 positives, quality sum 1.2) here and (5, 2.0) on the other one.
+    other = torch.tensor([5.0, 2.0], dtype=torch.float64)
+    num_pos, quality_sum = loss_normalizers(3.0, torch.tensor(1.2), reduce_sum=lambda t: t + other, world_size=2)
+    assert num_pos == pytest.approx(4.0) and quality_sum == pytest.approx(1.6)
+    # One process on the merged batch divides by 8 and 3.2; with DDP averaging gradients over the
+    # 2 processes, each process's divisor times the world size must equal that.
+    merged = loss_normalizers(8.0, torch.tensor(3.2))
+    assert merged == pytest.approx((2 * num_pos, 2 * quality_sum))
+    # Without torch.distributed the local values are used; zero positives clamp to 1 and eps.
+    assert loss_normalizers(0.0, torch.tensor(0.0)) == (1.0, QUALITY_SUM_EPS)
+    assert loss_normalizers(
+        0.0, 0.0, reduce_sum=lambda t: t + torch.tensor([1.0, 0.5], dtype=torch.float64), world_size=2
+    ) == pytest.approx((1.0, 0.25))

@@ -1,0 +1,139 @@
+"""End to end: tiny runs through the engine write the results contract, skip, fail and resume."""
+
+import csv
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from pycocotools.coco import COCO
+
+import experiments  # noqa: F401
+import experiments.engine as engine
+from experiments.runfiles import METRIC_FIELDS, STATS_FIELDS
+from experiments.train import execute, run_dir_of
+
+TINY_DATA = [
+    "data.digits.image_size=96",
+    "data.digits.num_train=24",
+    "data.digits.num_val=6",
+    "data.num_workers=0",
+    "eval.batch_size=6",
+    "progress=false",
+]
+
+
+def tiny_cfg(tmp_path, *overrides):
+    ov = [f"data.root={tmp_path / 'data'}", f"results_root={tmp_path / 'results'}", "schedule=debug",
+          "model.fpn_channels=32", *TINY_DATA, *overrides]
+    with initialize_config_module("experiments.conf", version_base="1.3"):
+        return compose("config", overrides=ov), ov
+
+
+def read_stats(run_dir: Path):
+    with open(run_dir / "stats.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_the_results_contract(tmp_path):
+    cfg, ov = tiny_cfg(tmp_path, "assigner=iou", "scorer=iou")
+    metrics = execute(cfg, ov, raise_on_failure=True)
+    run_dir = run_dir_of(cfg)
+    assert run_dir == tmp_path / "results" / "single" / "iou_iou-s0"
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert saved["status"] == "done" and saved["error"] is None
+    assert set(METRIC_FIELDS) <= set(saved)
+    assert saved["iters"] == 4 and saved["assigner"] == "iou" and saved["scorer"] == "iou"
+    assert all(0.0 <= saved[k] <= 100.0 for k in ("AP", "AP50", "AP75"))
+    assert [p[0] for p in saved["ap_curve"]] == [1, 2, 3, 4]
+    assert saved["images_per_second"] > 0 and saved["peak_memory_mb"] > 0
+    rows = read_stats(run_dir)
+    assert list(rows[0]) == STATS_FIELDS
+    assert [int(r["iter"]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(r["num_gt"]) >= 1 for r in rows)
+    # the detections are COCO results that pycocotools reads back against the val GT
+    val_gt = COCO(str(tmp_path / "data" / next(p.name for p in (tmp_path / "data").iterdir())
+                      / "annotations" / "instances_val.json"))
+    dets = json.loads((run_dir / "detections.json").read_text())
+    if dets:
+        val_gt.loadRes(dets)
+    cfg_text = (run_dir / "config.yaml").read_text()
+    assert "${" not in cfg_text and "name: iou" in cfg_text
+    snap = torch.from_numpy(__import__("numpy").load(run_dir / "assignments.npz")["gt_index_4"])
+    assert snap.dim() == 1 and bool(((snap >= -2)).all())
+
+
+@pytest.mark.slow
+def test_done_run_is_skipped(tmp_path, monkeypatch):
+    cfg, ov = tiny_cfg(tmp_path, "schedule.iters=1", "eval.curve_fractions=[1.0]")
+    execute(cfg, ov, raise_on_failure=True)
+    metrics_file = run_dir_of(cfg) / "metrics.json"
+    before = metrics_file.read_bytes()
+    monkeypatch.setattr(engine, "train_run", lambda *a, **k: pytest.fail("a done run was trained again"))
+    execute(cfg, ov, raise_on_failure=True)
+    assert metrics_file.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_failure_is_recorded_then_the_rerun_resumes_without_duplicate_rows(tmp_path, monkeypatch):
+    cfg, ov = tiny_cfg(tmp_path, "eval.curve_fractions=[1.0]", "schedule.checkpoint_every=2")
+    real = engine._outputs_to_float
+    calls = {"n": 0}
+
+    def crash_on_third(out):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return real(out)
+
+    monkeypatch.setattr(engine, "_outputs_to_float", crash_on_third)
+    execute(cfg, ov, raise_on_failure=False)
+    run_dir = run_dir_of(cfg)
+    failed = json.loads((run_dir / "metrics.json").read_text())
+    assert failed["status"] == "failed" and "injected fault" in failed["error"]
+    assert (run_dir / "checkpoints" / "last.pt").exists()
+    assert [int(r["iter"]) for r in read_stats(run_dir)] == [1, 2]
+
+    monkeypatch.setattr(engine, "_outputs_to_float", real)
+    metrics = execute(cfg, ov, raise_on_failure=True)
+    assert metrics["status"] == "done" and metrics["iters"] == 4
+    assert [int(r["iter"]) for r in read_stats(run_dir)] == [1, 2, 3, 4]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["iter"] == 4
+
+
+@pytest.mark.slow
+def test_non_finite_loss_fails_the_run_naming_iteration_and_terms(tmp_path, monkeypatch):
+    cfg, ov = tiny_cfg(tmp_path, "eval.curve_fractions=[1.0]")
+    real = engine._outputs_to_float
+
+    def poison(out):
+        out = real(out)
+        return dataclasses.replace(out, cls_logits=out.cls_logits * float("nan"))
+
+    monkeypatch.setattr(engine, "_outputs_to_float", poison)
+    with pytest.raises(SystemExit):
+        execute(cfg, ov, raise_on_failure=True)
+    failed = json.loads((run_dir_of(cfg) / "metrics.json").read_text())
+    assert failed["status"] == "failed"
+    assert "iteration 1" in failed["error"] and "loss_cls=nan" in failed["error"]
+
+
+@pytest.mark.slow
+def test_the_hydra_app_runs_and_rejects_unknown_choices(tmp_path):
+    _, ov = tiny_cfg(tmp_path, "schedule.iters=1", "eval.curve_fractions=[1.0]", "assigner=atss",
+                     "scorer=centerness")
+    proc = subprocess.run([sys.executable, "-m", "experiments.train", *ov], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "results" / "single" / "atss_centerness-s0" / "metrics.json").exists()
+    bad = subprocess.run([sys.executable, "-m", "experiments.train", "assigner=nope"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0
+    assert "nope" in bad.stderr and "paa" in bad.stderr and "atss" in bad.stderr
