@@ -119,12 +119,17 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """
     area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
     area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    lt = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-    rb = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area1[..., :, None] + area2[..., None, :] - inter
-    return inter / union
+    # One (B, N, M) tensor per coordinate, updated in place, from contiguous coordinate
+    # vectors, rather than (B, N, M, 2) corner tensors: the same arithmetic (bitwise-equal
+    # results), several times faster on CPU. The in-place steps make it unfit for
+    # autograd; it serves the (no-grad) assigners.
+    x1a, y1a, x2a, y2a = (c.unsqueeze(-1) for c in boxes1.unbind(-1))  # (B, N, 1)
+    x1b, y1b, x2b, y2b = (c.contiguous().unsqueeze(-2) for c in boxes2.unbind(-1))  # (B, 1, M)
+    width = torch.minimum(x2a, x2b).sub_(torch.maximum(x1a, x1b)).clamp_(min=0)
+    height = torch.minimum(y2a, y2b).sub_(torch.maximum(y1a, y1b)).clamp_(min=0)
+    inter = width.mul_(height)
+    union = (area1[..., :, None] + area2[..., None, :]).sub_(inter)
+    return inter.div_(union) if inter.is_floating_point() else inter / union
 
 
 def gt_anchor_iou(inputs: AssignInputs) -> Tensor:
@@ -132,7 +137,7 @@ def gt_anchor_iou(inputs: AssignInputs) -> Tensor:
     b = inputs.batch_size
     anchors = inputs.anchors.to(inputs.gt_boxes.dtype)
     iou = batched_box_iou(inputs.gt_boxes, anchors.unsqueeze(0).expand(b, -1, -1))
-    return iou.masked_fill(~inputs.gt_mask.unsqueeze(-1), -1.0)
+    return iou.masked_fill_(~inputs.gt_mask.unsqueeze(-1), -1.0)
 
 
 def assignment_stats(inputs: AssignInputs, assignment: Assignment) -> dict[str, float]:

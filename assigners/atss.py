@@ -1,0 +1,110 @@
+"""Adaptive Training Sample Selection (``atss``): Zhang et al., CVPR 2020, Alg. 1.
+
+As sfzhang15/ATSS with one anchor per location, batched over images and GT slots:
+1. per GT and pyramid level, the ``topk`` anchors whose centres are nearest (L2) to the
+   GT centre are candidates (all of the level when it has fewer);
+2. the GT's IoU threshold is mean + std (unbiased) of its candidates' IoUs;
+3. a candidate is positive when its IoU >= threshold and its centre lies inside the GT
+   (min of the distances to the four sides > 0.01);
+4. an anchor positive for several GTs goes to the one with the highest IoU (ties: the
+   lower GT index, ``torch.max`` semantics); all other anchors are negative.
+
+Departures, for determinism and robustness: equidistant anchors are taken in anchor-index
+order (``torch.topk`` leaves ties unspecified); a GT with a single candidate (topk = 1 on
+a one-level pyramid) gets std 0 instead of the NaN of an unbiased std of one value.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .anchor_score import check_topk
+from .base import NEGATIVE, AssignInputs, Assignment, batched_box_iou
+
+INSIDE_MARGIN = 0.01
+
+
+def smallest_k_indices(values: Tensor, k: int) -> Tensor:
+    """(..., k) indices of the ``k`` smallest entries along the last dim, ascending by index.
+
+    Ties at the k-th value are taken in index order, as a stable sort would (``torch.topk``
+    leaves them unspecified), so the result is deterministic and equal on CPU and CUDA.
+    """
+    n = values.shape[-1]
+    if k >= n:
+        return torch.arange(n, device=values.device).expand(*values.shape[:-1], n)
+    smallest, index = values.topk(k + 1, dim=-1, largest=False)  # ascending values
+    index = index[..., :k].clone()
+    tied = smallest[..., k - 1] == smallest[..., k]  # the k-th value continues past k
+    if bool(tied.any()):
+        rows = tied.nonzero(as_tuple=True)
+        index[rows] = torch.argsort(values[rows], dim=-1, stable=True)[..., :k]
+    return index.sort(dim=-1).values
+
+
+class ATSSAssigner:
+    """ATSS; see the module docstring. topk: candidates per GT per level (paper: 9)."""
+
+    name = "atss"
+
+    def __init__(self, topk: int = 9):
+        check_topk(topk)
+        self.topk = topk
+
+    @torch.no_grad()
+    def __call__(self, inputs: AssignInputs) -> Assignment:
+        b, g = inputs.batch_size, inputs.num_gt_slots
+        a = inputs.anchors.shape[0]
+        device = inputs.anchors.device
+        if g == 0 or a == 0:
+            return Assignment(gt_index=torch.full((b, a), NEGATIVE, dtype=torch.int64, device=device))
+        boxes = inputs.gt_boxes
+        anchors = inputs.anchors.to(boxes.dtype)
+        anchor_cx = (anchors[:, 0] + anchors[:, 2]) / 2  # (A,)
+        anchor_cy = (anchors[:, 1] + anchors[:, 3]) / 2
+        gt_cx = ((boxes[..., 0] + boxes[..., 2]) / 2).unsqueeze(-1)  # (B, G, 1)
+        gt_cy = ((boxes[..., 1] + boxes[..., 3]) / 2).unsqueeze(-1)
+
+        # Step 1: per level, the topk anchors whose centres are nearest the GT centre.
+        # Only this step touches all (GT, anchor) pairs; the rest works on (B, G, K).
+        candidate_per_level = []
+        start = 0
+        for count in inputs.num_anchors_per_level:
+            end = start + count
+            if count > 0:
+                dx = anchor_cx[start:end] - gt_cx
+                dy = anchor_cy[start:end] - gt_cy
+                distance = (dx * dx + dy * dy).sqrt()  # (B, G, A_l)
+                candidate_per_level.append(smallest_k_indices(distance, min(self.topk, count)) + start)
+            start = end
+        candidate = torch.cat(candidate_per_level, dim=-1)  # (B, G, K) anchor indices
+        k = candidate.shape[-1]
+
+        # Step 2: adaptive IoU threshold = mean + unbiased std of the candidates' IoUs.
+        candidate_boxes = anchors[candidate]  # (B, G, K, 4)
+        iou = batched_box_iou(boxes.reshape(b * g, 1, 4), candidate_boxes.reshape(b * g, k, 4)).reshape(b, g, k)
+        std = iou.std(dim=-1, keepdim=True) if k > 1 else torch.zeros_like(iou)
+        threshold = iou.mean(dim=-1, keepdim=True) + std
+
+        # Step 3: positive candidates have IoU >= threshold and their centre inside the GT.
+        cx, cy = anchor_cx[candidate], anchor_cy[candidate]  # (B, G, K)
+        left, top = cx - boxes[..., 0:1], cy - boxes[..., 1:2]
+        right, bottom = boxes[..., 2:3] - cx, boxes[..., 3:4] - cy
+        inside = torch.stack([left, top, right, bottom], dim=-1).amin(dim=-1) > INSIDE_MARGIN
+        positive = (iou >= threshold) & inside & inputs.gt_mask.unsqueeze(-1)
+
+        # Step 4: an anchor positive for several GTs takes the one of highest IoU, then
+        # the lowest GT index among equal IoUs.
+        flat_anchor = candidate.reshape(b, g * k)
+        positive_iou = torch.where(positive, iou, float("-inf")).reshape(b, g * k)
+        best_iou = torch.full((b, a), float("-inf"), dtype=iou.dtype, device=device)
+        best_iou.scatter_reduce_(1, flat_anchor, positive_iou, reduce="amax")
+        is_best = positive.reshape(b, g * k) & (positive_iou == best_iou.gather(1, flat_anchor))
+        gt_of_entry = torch.arange(g, device=device).repeat_interleave(k).expand(b, g * k)
+        winner = torch.full((b, a), g, dtype=torch.int64, device=device)
+        winner.scatter_reduce_(1, flat_anchor, torch.where(is_best, gt_of_entry, g), reduce="amin")
+        return Assignment(gt_index=torch.where(winner < g, winner, NEGATIVE))
+
+
+__all__ = ["ATSSAssigner", "smallest_k_indices"]

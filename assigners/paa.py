@@ -1,0 +1,222 @@
+"""Probabilistic Anchor Assignment (``paa``): Kim & Lee, ECCV 2020, Sec. 3.1 and Fig. 3.
+
+1. Anchor loss of every anchor for its IoU-pre-matched GT (Eq. 1-2; ``anchor_score``).
+2. Candidates: per GT and pyramid level, the ``topk`` lowest-loss pre-matched anchors.
+3. Per GT, a two-component 1-D Gaussian mixture is fitted by EM to its candidates' losses
+   sorted ascending (``gmm``); component 0 (initialised at the lowest loss) is foreground.
+4. The candidates are split into positives / ignored / negatives by one of the paper's
+   separation schemes (Fig. 3), ``scheme`` "a"-"d"; everything else is negative.
+
+Separation schemes, on a GT's candidates sorted by ascending loss (positions 0..n-1),
+with "fg peak" = the smallest position among foreground-labelled candidates of highest
+mixture log-density (the official ``fg_max_idx``) and "bg peak" likewise for background:
+  a: positive where the predicted component is foreground (p(fg) >= p(bg)), else negative.
+  b: positive up to the fg peak; ignored strictly between the fg peak and the bg peak;
+     negative from the bg peak on (no bg-labelled candidate: the rest is ignored).
+  c: positive up to the fg peak, the rest negative (paper default, the official code).
+  d: positive up to the fg peak; the rest ignored where labelled foreground, negative
+     where labelled background.
+As in the official code, a GT with a single candidate gets it as positive, a GT whose
+candidates all fall in the background component gets all of them as positive (for
+recall), and a GT without candidates gets no positive (``Assignment.num_candidates``).
+
+Conflicts: none can arise. Every anchor is pre-matched to at most one GT and candidates
+are drawn from a GT's own pre-matched anchors, so the candidate sets of different GTs
+are disjoint and each anchor receives at most one label. (The official code labels GTs
+one after another; with disjoint sets its order does not matter either.)
+
+Ties: equal losses are ordered by anchor index (stable sorts), so results are
+deterministic and equal across devices and GMM backends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .anchor_score import (
+    AnchorLoss,
+    Candidates,
+    anchor_loss,
+    check_anchor_loss_params,
+    check_topk,
+    rank_within_group,
+    select_candidates,
+)
+from .base import IGNORED, NEGATIVE, AssignInputs, Assignment
+from .gmm import GMM_BACKENDS, fit_gmm
+
+PAA_SCHEMES = ("a", "b", "c", "d")
+
+
+@dataclass(frozen=True)
+class CandidateRows:
+    """Candidates of every GT slot as rows sorted by ascending loss.
+
+    loss: (B * G, K) float64, row b * G + g holds GT g of image b; K is the most
+        candidates a GT can have (sum over levels of min(topk, anchors in level)).
+    mask: (B * G, K) bool, True on the first ``num_candidates`` entries of a row.
+    anchor: (B * G, K) int64 anchor index of each entry, -1 where masked out.
+    """
+
+    loss: Tensor
+    mask: Tensor
+    anchor: Tensor
+
+
+def sort_candidates(anchor_loss: AnchorLoss, candidates: Candidates, max_per_gt: int) -> CandidateRows:
+    """Gather each GT's candidate losses into a row, sorted ascending (ties: anchor index)."""
+    b, _ = anchor_loss.loss.shape
+    g = candidates.num_candidates.shape[1]
+    position = rank_within_group(anchor_loss.loss, candidates.gt, candidates.mask, g)
+    img_idx, anchor_idx = candidates.mask.nonzero(as_tuple=True)
+    row = img_idx * g + candidates.gt[img_idx, anchor_idx]
+    col = position[img_idx, anchor_idx]
+    device = anchor_loss.loss.device
+    loss = torch.zeros(b * g, max_per_gt, dtype=torch.float64, device=device)
+    mask = torch.zeros(b * g, max_per_gt, dtype=torch.bool, device=device)
+    anchor = torch.full((b * g, max_per_gt), -1, dtype=torch.int64, device=device)
+    loss[row, col] = anchor_loss.loss[img_idx, anchor_idx].to(torch.float64)
+    mask[row, col] = True
+    anchor[row, col] = anchor_idx
+    return CandidateRows(loss=loss, mask=mask, anchor=anchor)
+
+
+def _first_peak(log_density: Tensor, selected: Tensor) -> Tensor:
+    """(N,) smallest position among ``selected`` entries of highest log-density; K if none."""
+    k = log_density.shape[1]
+    best = torch.where(selected, log_density, float("-inf")).amax(dim=1, keepdim=True)
+    is_peak = selected & (log_density == best)
+    position = torch.arange(k, device=log_density.device).expand_as(is_peak)
+    return torch.where(is_peak, position, k).amin(dim=1)
+
+
+def split_by_scheme(labels: Tensor, log_density: Tensor, mask: Tensor, scheme: str) -> tuple[Tensor, Tensor]:
+    """Separate sorted candidates into positives and ignored ones (PAA Fig. 3, ``scheme``).
+
+    labels: (N, K) int64 predicted mixture component (0 foreground, 1 background);
+    log_density: (N, K) float mixture log-density of each candidate (sklearn
+    ``score_samples``); mask: (N, K) bool valid candidates, each row sorted by ascending
+    loss. Returns (positive, ignored), both (N, K) bool; other valid candidates are
+    negative. Rows without any foreground candidate are all positive.
+    """
+    if scheme not in PAA_SCHEMES:
+        raise ValueError(f"unknown PAA scheme '{scheme}'; valid choices: {', '.join(PAA_SCHEMES)}")
+    n, k = mask.shape
+    if n == 0 or k == 0:
+        return torch.zeros_like(mask), torch.zeros_like(mask)
+    foreground = mask & (labels == 0)
+    background = mask & (labels == 1)
+    position = torch.arange(k, device=mask.device).expand(n, k)
+    up_to_fg_peak = mask & (position <= _first_peak(log_density, foreground).unsqueeze(1))
+    if scheme == "a":
+        positive = foreground
+    else:
+        positive = up_to_fg_peak
+    rest = mask & ~positive
+    if scheme == "b":
+        ignored = rest & (position < _first_peak(log_density, background).unsqueeze(1))
+    elif scheme == "d":
+        ignored = rest & foreground
+    else:
+        ignored = torch.zeros_like(mask)
+    # No foreground component at all: every candidate is positive (official, for recall).
+    no_foreground = ~foreground.any(dim=1, keepdim=True)
+    positive = torch.where(no_foreground, mask, positive)
+    ignored = ignored & ~no_foreground
+    return positive, ignored
+
+
+def separate_candidates(
+    sorted_loss: Tensor, mask: Tensor, *, scheme: str = "c", gmm_backend: str = "torch"
+) -> tuple[Tensor, Tensor]:
+    """PAA's probabilistic separation of each GT's candidates (Sec. 3.1, Fig. 3).
+
+    sorted_loss: (N, K) float candidate losses, each row ascending over its valid prefix;
+    mask: (N, K) bool valid candidates. Rows with >= 2 candidates get a two-component GMM
+    (``gmm_backend`` "torch" batched, or "sklearn" per row) and ``split_by_scheme``;
+    a row with a single candidate makes it positive. Returns (positive, ignored), (N, K) bool.
+    """
+    if scheme not in PAA_SCHEMES:
+        raise ValueError(f"unknown PAA scheme '{scheme}'; valid choices: {', '.join(PAA_SCHEMES)}")
+    if gmm_backend not in GMM_BACKENDS:
+        raise ValueError(f"unknown gmm_backend '{gmm_backend}'; valid choices: {', '.join(GMM_BACKENDS)}")
+    num_candidates = mask.sum(dim=1)
+    positive = mask & (num_candidates == 1).unsqueeze(1)
+    ignored = torch.zeros_like(mask)
+    fit_rows = (num_candidates >= 2).nonzero(as_tuple=True)[0]
+    if fit_rows.numel() > 0:
+        fit_mask = mask[fit_rows]
+        fit = fit_gmm(sorted_loss[fit_rows], fit_mask, backend=gmm_backend)
+        fit_positive, fit_ignored = split_by_scheme(fit.labels, fit.log_density, fit_mask, scheme)
+        positive[fit_rows] = fit_positive
+        ignored[fit_rows] = fit_ignored
+    return positive, ignored
+
+
+class PAAAssigner:
+    """Probabilistic Anchor Assignment; see the module docstring.
+
+    scheme: separation scheme of Fig. 3, one of "a", "b", "c" (default), "d".
+    topk: candidates per GT per pyramid level (paper: 9).
+    gmm_backend: "torch" (batched EM over all GTs) or "sklearn" (official per-GT loop).
+    focal_alpha, focal_gamma, giou_weight: anchor-loss parameters (Eq. 1-2).
+    """
+
+    name = "paa"
+
+    def __init__(
+        self,
+        scheme: str = "c",
+        topk: int = 9,
+        gmm_backend: str = "torch",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        giou_weight: float = 1.0,
+    ):
+        if scheme not in PAA_SCHEMES:
+            raise ValueError(f"unknown PAA scheme '{scheme}'; valid choices: {', '.join(PAA_SCHEMES)}")
+        if gmm_backend not in GMM_BACKENDS:
+            raise ValueError(f"unknown gmm_backend '{gmm_backend}'; valid choices: {', '.join(GMM_BACKENDS)}")
+        check_topk(topk)
+        check_anchor_loss_params(focal_alpha, focal_gamma, giou_weight)
+        self.scheme = scheme
+        self.topk = topk
+        self.gmm_backend = gmm_backend
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.giou_weight = giou_weight
+
+    @torch.no_grad()
+    def __call__(self, inputs: AssignInputs) -> Assignment:
+        inputs.require_predictions(self.name)
+        b, g = inputs.batch_size, inputs.num_gt_slots
+        losses = anchor_loss(
+            inputs, focal_alpha=self.focal_alpha, focal_gamma=self.focal_gamma, giou_weight=self.giou_weight
+        )
+        candidates = select_candidates(losses, inputs.num_anchors_per_level, self.topk, g)
+        max_per_gt = sum(min(self.topk, count) for count in inputs.num_anchors_per_level)
+        rows = sort_candidates(losses, candidates, max_per_gt)
+        positive, ignored = separate_candidates(rows.loss, rows.mask, scheme=self.scheme, gmm_backend=self.gmm_backend)
+
+        # Row b * G + g of ``rows`` holds GT g of image b.
+        device = losses.prematch.device
+        row_image = torch.arange(b, device=device).repeat_interleave(g).unsqueeze(1).expand_as(rows.anchor)
+        row_gt = torch.arange(g, device=device).repeat(b).unsqueeze(1).expand_as(rows.anchor)
+        gt_index = torch.full_like(losses.prematch, NEGATIVE)
+        # Candidate sets are disjoint (module docstring), so no anchor is written twice.
+        gt_index[row_image[ignored], rows.anchor[ignored]] = IGNORED
+        gt_index[row_image[positive], rows.anchor[positive]] = row_gt[positive]
+        return Assignment(gt_index=gt_index, num_candidates=candidates.num_candidates)
+
+
+__all__ = [
+    "PAA_SCHEMES",
+    "CandidateRows",
+    "PAAAssigner",
+    "separate_candidates",
+    "sort_candidates",
+    "split_by_scheme",
+]

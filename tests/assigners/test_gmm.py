@@ -1,0 +1,135 @@
+"""Batched two-component EM against sklearn's GaussianMixture, configured as the official PAA code."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
+
+from assigners.gmm import fit_gmm, fit_gmm_batched, fit_gmm_sklearn
+
+from .conftest import random_loss_rows, requires_cuda
+
+
+def official_gmm(values: np.ndarray) -> GaussianMixture:
+    """The GaussianMixture of kkhoot/PAA ``compute_paa``, fitted to one GT's losses."""
+    samples = values.reshape(-1, 1)
+    gmm = GaussianMixture(
+        2,
+        weights_init=[0.5, 0.5],
+        means_init=[[samples.min()], [samples.max()]],
+        precisions_init=[[[1.0]], [[1.0]]],
+        random_state=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gmm.fit(samples)
+    return gmm
+
+
+def test_matches_sklearn_on_varied_rows():
+    loss, mask = random_loss_rows(seed=0, num_rows=400)
+    fit = fit_gmm_batched(loss, mask)
+    same_labels = 0
+    for row in range(loss.shape[0]):
+        values = loss[row, mask[row]].numpy()
+        gmm = official_gmm(values)
+        assert bool(fit.converged[row]) == gmm.converged_
+        assert int(fit.n_iter[row]) == gmm.n_iter_
+        if gmm.converged_:
+            np.testing.assert_allclose(fit.means[row].numpy(), gmm.means_.ravel(), rtol=0, atol=1e-6)
+            np.testing.assert_allclose(fit.variances[row].numpy(), gmm.covariances_.ravel(), rtol=0, atol=1e-6)
+            np.testing.assert_allclose(fit.weights[row].numpy(), gmm.weights_, rtol=0, atol=1e-6)
+        samples = values.reshape(-1, 1)
+        np.testing.assert_allclose(fit.log_density[row, mask[row]].numpy(), gmm.score_samples(samples), rtol=1e-9, atol=1e-9)
+        same_labels += bool(np.array_equal(fit.labels[row, mask[row]].numpy(), gmm.predict(samples)))
+    # Labels may differ only where a sample lies exactly between two equal components.
+    assert same_labels >= 0.99 * loss.shape[0]
+
+
+def test_sklearn_backend_is_the_official_fit():
+    loss, mask = random_loss_rows(seed=1, num_rows=30)
+    fit = fit_gmm_sklearn(loss, mask)
+    for row in range(loss.shape[0]):
+        values = loss[row, mask[row]].numpy()
+        gmm = official_gmm(values)
+        np.testing.assert_array_equal(fit.means[row].numpy(), gmm.means_.ravel())
+        np.testing.assert_array_equal(fit.labels[row, mask[row]].numpy(), gmm.predict(values.reshape(-1, 1)))
+        assert bool((fit.labels[row, ~mask[row]] == -1).all())
+        assert bool(torch.isneginf(fit.log_density[row, ~mask[row]]).all())
+
+
+def test_well_separated_modes_by_hand():
+    values = torch.tensor([[0.0, 0.1, 0.2, 10.0, 10.1, 10.2]], dtype=torch.float64)
+    fit = fit_gmm_batched(values, torch.ones_like(values, dtype=torch.bool))
+    torch.testing.assert_close(fit.means[0], torch.tensor([0.1, 10.1], dtype=torch.float64))
+    torch.testing.assert_close(fit.weights[0], torch.tensor([0.5, 0.5], dtype=torch.float64))
+    # Variance of {0, 0.1, 0.2} is 0.02 / 3, plus reg_covar 1e-6.
+    torch.testing.assert_close(fit.variances[0], torch.full((2,), 0.02 / 3 + 1e-6, dtype=torch.float64))
+    assert fit.labels[0].tolist() == [0, 0, 0, 1, 1, 1]
+    assert bool(fit.converged[0])
+
+
+def test_identical_values_have_no_nan():
+    values = torch.full((2, 5), 3.0, dtype=torch.float64)
+    mask = torch.ones_like(values, dtype=torch.bool)
+    mask[1, 2:] = False
+    fit = fit_gmm_batched(values, mask)
+    for tensor in (fit.means, fit.variances, fit.weights, fit.log_density[mask]):
+        assert bool(torch.isfinite(tensor).all())
+    torch.testing.assert_close(fit.means, torch.full((2, 2), 3.0, dtype=torch.float64))
+    # Equal components: every sample goes to component 0 (argmax ties), as sklearn.
+    assert bool((fit.labels[mask] == 0).all())
+
+
+def test_row_fit_does_not_depend_on_other_rows():
+    loss, mask = random_loss_rows(seed=2, num_rows=40)
+    batch = fit_gmm_batched(loss, mask)
+    for row in (0, 7, 13, 29):
+        alone = fit_gmm_batched(loss[row : row + 1], mask[row : row + 1])
+        assert int(alone.n_iter[0]) == int(batch.n_iter[row])
+        torch.testing.assert_close(alone.means[0], batch.means[row], rtol=0, atol=1e-12)
+        assert torch.equal(alone.labels[0], batch.labels[row])
+
+
+def test_max_iter_stops_unconverged_rows():
+    loss, mask = random_loss_rows(seed=3, num_rows=20)
+    fit = fit_gmm_batched(loss, mask, max_iter=2, tol=0.0)
+    assert bool((fit.n_iter == 2).all())
+    assert not bool(fit.converged.any())
+    for row in range(3):
+        values = loss[row, mask[row]].numpy().reshape(-1, 1)
+        gmm = GaussianMixture(
+            2, weights_init=[0.5, 0.5], means_init=[[values.min()], [values.max()]],
+            precisions_init=[[[1.0]], [[1.0]]], max_iter=2, tol=0.0, random_state=0,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gmm.fit(values)
+        np.testing.assert_allclose(fit.means[row].numpy(), gmm.means_.ravel(), atol=1e-9)
+
+
+def test_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_gmm_batched(torch.zeros(1, 3, dtype=torch.float64), torch.tensor([[True, False, False]]))
+    with pytest.raises(ValueError, match="finite"):
+        fit_gmm_batched(torch.tensor([[0.0, float("inf")]]), torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="max_iter"):
+        fit_gmm_batched(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), max_iter=0)
+    with pytest.raises(ValueError, match="valid choices: torch, sklearn"):
+        fit_gmm(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), backend="numpy")
+
+
+@requires_cuda
+def test_cuda_equals_cpu():
+    loss, mask = random_loss_rows(seed=4, num_rows=300)
+    cpu = fit_gmm_batched(loss, mask)
+    cuda = fit_gmm_batched(loss.cuda(), mask.cuda())
+    assert cuda.means.device.type == "cuda"
+    torch.testing.assert_close(cpu.means, cuda.means.cpu(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(cpu.variances, cuda.variances.cpu(), rtol=0, atol=1e-9)
+    assert (cpu.labels == cuda.labels.cpu()).all(dim=1).float().mean() >= 0.99
