@@ -13,9 +13,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The demo grid (IoU+none, ATSS+centerness, PAA+IoU on the quick schedule), then its report.
 demo: $(STAMP)
 	$(VENV)/bin/assignbench-data digits
-	$(VENV)/bin/assignbench-train data=digits schedule=quick assigner=iou scorer=none
+	$(VENV)/bin/assignbench-train -m grid=demo
+	@echo "demo done: table in results/demo/table.md, plots in results/demo/*.png"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

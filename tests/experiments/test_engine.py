@@ -137,3 +137,45 @@ def test_the_hydra_app_runs_and_rejects_unknown_choices(tmp_path):
                          text=True, timeout=120)
     assert bad.returncode != 0
     assert "nope" in bad.stderr and "paa" in bad.stderr and "atss" in bad.stderr
+
+
+def _finite_stats(run_dir):
+    rows = read_stats(run_dir)
+    assert rows, "no stats rows"
+    for r in rows:
+        for k, v in r.items():
+            assert v != "" and float(v) == float(v) and abs(float(v)) != float("inf"), (k, v)
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("assigner", ["iou", "atss", "paa", "fnp", "fsr"])
+def test_every_assigner_trains_with_finite_losses(tmp_path, assigner):
+    cfg, ov = tiny_cfg(tmp_path, f"assigner={assigner}", "scorer=iou", "schedule.iters=3",
+                       "eval.curve_fractions=[1.0]", "eval.snapshots=false", "model.num_convs=1")
+    metrics = execute(cfg, ov, raise_on_failure=True)
+    assert metrics["status"] == "done" and metrics["assigner"] == assigner
+    rows = _finite_stats(run_dir_of(cfg))
+    assert all(float(r["num_gt"]) > 0 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scorer", ["none", "centerness", "iou"])
+@pytest.mark.parametrize("voting", [False, True])
+def test_every_scorer_trains_and_reports_its_fields(tmp_path, scorer, voting):
+    cfg, ov = tiny_cfg(tmp_path, "assigner=atss", f"scorer={scorer}", "schedule.iters=3",
+                       f"inference.score_voting={str(voting).lower()}", "inference.score_thresh=0.0",
+                       "eval.curve_fractions=[1.0]", "eval.snapshots=false", "model.num_convs=1")
+    metrics = execute(cfg, ov, raise_on_failure=True)
+    assert metrics["status"] == "done" and metrics["scorer"] == scorer
+    assert set(METRIC_FIELDS) <= set(metrics)
+    rows = _finite_stats(run_dir_of(cfg))
+    quality = [float(r["loss_quality"]) for r in rows]
+    if scorer == "none":
+        assert metrics["iou_pred_error"] is None and all(q == 0.0 for q in quality)
+    else:
+        assert all(q > 0.0 for q in quality)
+    if scorer == "iou":  # score_thresh 0 keeps detections, so some overlap a GT by >= 0.5
+        assert metrics["iou_pred_error"] is not None and 0.0 <= metrics["iou_pred_error"] <= 1.0
+    else:
+        assert metrics["iou_pred_error"] is None
