@@ -28,3 +28,5 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.assign
+	$(PY) -m benchmarks.train
+	$(PY) -m benchmarks.eval

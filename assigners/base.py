@@ -153,10 +153,11 @@ def assignment_stats(inputs: AssignInputs, assignment: Assignment) -> dict[str, 
     pos = assignment.positive_mask
     num_pos = int(pos.sum())
     if num_pos > 0:
-        iou = gt_anchor_iou(inputs)  # (B, G, A)
-        gidx = assignment.gt_index.clamp(min=0)
-        pos_iou = iou.gather(1, gidx.unsqueeze(1)).squeeze(1)[pos]
-        pos_iou_mean = float(pos_iou.mean())
+        # The IoU of each positive with its own GT only: the entries of ``gt_anchor_iou`` it would read.
+        image, anchor = pos.nonzero(as_tuple=True)
+        gt_boxes = inputs.gt_boxes[image, assignment.gt_index[image, anchor]].unsqueeze(1)  # (P, 1, 4)
+        anchors = inputs.anchors[anchor].to(gt_boxes.dtype).unsqueeze(1)
+        pos_iou_mean = float(batched_box_iou(gt_boxes, anchors).mean())
     else:
         pos_iou_mean = 0.0
     return {

@@ -108,10 +108,15 @@ def _single_threaded_on_cpu(device: torch.device) -> Iterator[None]:
 
 
 def _weighted_log_prob(x: Tensor, means: Tensor, precisions: Tensor, weights: Tensor) -> Tensor:
-    """(N, K, 2) log w_k + log N(x | mu_k, 1 / p_k^2), with p = precision Cholesky factor."""
-    y = x.unsqueeze(-1) * precisions.unsqueeze(1) - (means * precisions).unsqueeze(1)
+    """(N, K, 2) log w_k + log N(x | mu_k, 1 / p_k^2) of samples x (N, K, 1), with p = precision Cholesky factor."""
+    y = x * precisions.unsqueeze(1) - (means * precisions).unsqueeze(1)
     log_gauss = -0.5 * (_LOG_2PI + y * y) + torch.log(precisions).unsqueeze(1)
     return log_gauss + torch.log(weights).unsqueeze(1)
+
+
+def _precision_cholesky(variances: Tensor) -> Tensor:
+    """Cholesky factor of the precision of 1-D components, 1 / sqrt(variance)."""
+    return 1.0 / torch.sqrt(variances)
 
 
 def _predict(weighted_log_prob: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,51 +150,72 @@ def fit_gmm_batched(
 
 
 def _em(x: Tensor, mask: Tensor, max_iter: int, tol: float, reg_covar: float) -> GMMFit:
-    """The EM loop of ``fit_gmm_batched`` (validated inputs)."""
+    """The EM loop of ``fit_gmm_batched`` (validated inputs).
+
+    A row's parameters are stored at the iteration it converges (later updates of it are
+    ignored), and once at most half of the rows in the loop are still pending, the loop goes on
+    with those alone, so late iterations cost what the slow rows need. Every step is row by row:
+    a row's result does not depend on which other rows are in the loop (the same values, bit for
+    bit, as updating every row in place until all have converged).
+    """
     x = torch.where(mask, x.to(torch.float64), 0.0)
     n, _ = x.shape
-    num_valid = mask.sum(dim=1).to(torch.float64)  # (N,)
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=x.device)
+    device = x.device
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
 
     # Initialisation of the official code: means at min / max, unit precisions, w = 0.5.
     means = torch.stack([torch.where(mask, x, inf).amin(dim=1), torch.where(mask, x, -inf).amax(dim=1)], dim=1)
     precisions = torch.ones_like(means)  # Cholesky factor of the precision, 1 / std
     variances = torch.ones_like(means)
     weights = torch.full_like(means, 0.5)
-    lower_bound = torch.full((n,), float("-inf"), dtype=torch.float64, device=x.device)
-    converged = torch.zeros(n, dtype=torch.bool, device=x.device)
-    n_iter = torch.zeros(n, dtype=torch.int64, device=x.device)
-    active = torch.ones(n, dtype=torch.bool, device=x.device)
-    resp_mask = mask.unsqueeze(-1)
+    fitted = torch.zeros(n, 6, dtype=torch.float64, device=device)  # means, variances, weights
+    converged = torch.zeros(n, dtype=torch.bool, device=device)
+    n_iter = torch.zeros(n, dtype=torch.int64, device=device)
+    nk_floor = 10.0 * _EPS
 
-    for iteration in range(1, max_iter + 1):
+    # The rows in the loop (pending or already stored), and their samples.
+    rows = torch.arange(n, device=device)
+    pending = torch.ones(n, dtype=torch.bool, device=device)
+    row_x, row_mask = x.unsqueeze(-1), mask.to(torch.float64)  # (n, K, 1), (n, K)
+    num_valid = row_mask.sum(dim=1)  # (n,)
+    lower_bound = torch.full((n,), float("-inf"), dtype=torch.float64, device=device)
+    last_iteration = max_iter if n > 0 else 0  # no rows, nothing to iterate
+    for iteration in range(1, last_iteration + 1):
         # E-step.
-        weighted = _weighted_log_prob(x, means, precisions, weights)
-        log_norm = torch.logsumexp(weighted, dim=-1)  # (N, K)
-        resp = torch.exp(weighted - log_norm.unsqueeze(-1)) * resp_mask
-        new_bound = torch.where(mask, log_norm, 0.0).sum(dim=1) / num_valid
+        weighted = _weighted_log_prob(row_x, means, precisions, weights)
+        log_norm = torch.logsumexp(weighted, dim=-1)  # (n, K)
+        resp = torch.exp(weighted - log_norm.unsqueeze(-1)).mul_(row_mask.unsqueeze(-1))
+        new_bound = (log_norm * row_mask).sum(dim=1) / num_valid
         # M-step.
-        nk = resp.sum(dim=1) + 10.0 * _EPS  # (N, 2)
-        new_means = (resp * x.unsqueeze(-1)).sum(dim=1) / nk
-        diff = x.unsqueeze(-1) - new_means.unsqueeze(1)
-        new_variances = (resp * diff * diff).sum(dim=1) / nk + reg_covar
-        new_weights = nk / nk.sum(dim=1, keepdim=True)
-        # Only rows still iterating take the new parameters.
-        keep = active.unsqueeze(-1)
-        means = torch.where(keep, new_means, means)
-        variances = torch.where(keep, new_variances, variances)
-        precisions = torch.where(keep, 1.0 / torch.sqrt(new_variances), precisions)
-        weights = torch.where(keep, new_weights, weights)
-        change = new_bound - lower_bound
-        lower_bound = torch.where(active, new_bound, lower_bound)
-        n_iter = torch.where(active, iteration, n_iter)
-        just_converged = active & (change.abs() < tol)
-        converged |= just_converged
-        active &= ~just_converged
-        if not bool(active.any()):
+        nk = resp.sum(dim=1) + nk_floor  # (n, 2)
+        means = (resp * row_x).sum(dim=1) / nk
+        diff = row_x - means.unsqueeze(1)
+        variances = (resp * diff * diff).sum(dim=1) / nk + reg_covar
+        precisions = _precision_cholesky(variances)
+        weights = nk / nk.sum(dim=1, keepdim=True)
+        # Convergence on the change of the lower bound (the first iteration compares with -inf).
+        done = (new_bound - lower_bound).abs() < tol
+        lower_bound = new_bound
+        finished = done & pending if iteration < max_iter else pending
+        if not bool(finished.any()):
+            continue
+        index = finished.nonzero().squeeze(1)
+        leaving = rows[index]
+        fitted[leaving] = torch.cat([means, variances, weights], dim=1)[index]
+        converged[leaving] = done[index]
+        n_iter[leaving] = iteration
+        pending[index] = False
+        num_pending = int(pending.sum())
+        if num_pending == 0:
             break
+        if 2 * num_pending <= rows.numel():
+            keep = pending.nonzero().squeeze(1)
+            rows, pending, row_x, row_mask, num_valid = rows[keep], pending[keep], row_x[keep], row_mask[keep], num_valid[keep]
+            means, precisions, weights, lower_bound = means[keep], precisions[keep], weights[keep], lower_bound[keep]
 
-    labels, log_density = _predict(_weighted_log_prob(x, means, precisions, weights), mask)
+    means, variances, weights = (part.contiguous() for part in fitted.view(n, 3, 2).unbind(dim=1))
+    final = _weighted_log_prob(x.unsqueeze(-1), means, _precision_cholesky(variances), weights)
+    labels, log_density = _predict(final, mask)
     return GMMFit(
         means=means,
         variances=variances,

@@ -42,7 +42,7 @@ from .anchor_score import (
     anchor_loss,
     check_anchor_loss_params,
     check_topk,
-    rank_within_group,
+    rank_in_groups,
     select_candidates,
 )
 from .base import IGNORED, NEGATIVE, AssignInputs, Assignment
@@ -70,10 +70,9 @@ def sort_candidates(anchor_loss: AnchorLoss, candidates: Candidates, max_per_gt:
     """Gather each GT's candidate losses into a row, sorted ascending (ties: anchor index)."""
     b, _ = anchor_loss.loss.shape
     g = candidates.num_candidates.shape[1]
-    position = rank_within_group(anchor_loss.loss, candidates.gt, candidates.mask, g)
-    img_idx, anchor_idx = candidates.mask.nonzero(as_tuple=True)
+    img_idx, anchor_idx = candidates.mask.nonzero(as_tuple=True)  # row-major: by image, then anchor
     row = img_idx * g + candidates.gt[img_idx, anchor_idx]
-    col = position[img_idx, anchor_idx]
+    col = rank_in_groups(anchor_loss.loss[img_idx, anchor_idx], row)
     device = anchor_loss.loss.device
     loss = torch.zeros(b * g, max_per_gt, dtype=torch.float64, device=device)
     mask = torch.zeros(b * g, max_per_gt, dtype=torch.bool, device=device)

@@ -14,10 +14,12 @@ import dataclasses
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import resource
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,8 +37,23 @@ class NonFiniteLossError(RuntimeError):
     """Training met a NaN/Inf loss; the message names the iteration and the loss terms."""
 
 
+class NonFiniteWeightsError(NonFiniteLossError):
+    """An optimiser step with a finite loss left NaN/Inf in the model; the message names the tensors.
+
+    Checked before every evaluation and checkpoint, so a diverged model is never scored as a result
+    nor saved over the last good checkpoint.
+    """
+
+
 class RunInterrupted(RuntimeError):
     """SIGINT/SIGTERM arrived; a checkpoint was written and the run can be resumed."""
+
+
+class ConfigError(ValueError):
+    """A config value is out of range; raised before any data is built or any step is trained.
+
+    The message names the config key and what its valid values are.
+    """
 
 
 # ----------------------------------------------------------------------------- setup
@@ -218,6 +235,57 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: leave SIGINT/SIGTERM to the main process.
+
+    A Ctrl-C, or a SIGTERM sent to the whole process group (``kill -- -PGID``, SLURM's
+    ``scancel``, ``docker stop``), reaches the data workers too. Left at their defaults, the
+    workers die and the main process fails with "DataLoader worker ... killed by signal" before
+    it can write its checkpoint. Ignoring the signals here lets the main process finish the
+    iteration, checkpoint and exit (``_StopFlag``); it shuts the workers down as it exits, and a
+    worker whose parent died exits by itself (torch's worker watchdog).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _worker_context(num_workers: int):
+    """Data workers fork on Linux, also inside a launcher's worker (joblib/loky replaces the
+    default start method there, and its processes cannot start DataLoader workers)."""
+    if num_workers > 0 and sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return None
+
+
+def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, turning the constructor's ValueError into a ConfigError naming ``key``.
+
+    Hydra wraps every constructor error in an InstantiationException; unwrapping the ValueError
+    keeps the recorded message to what the constructor said (e.g. "topk must be a positive int").
+    """
+    import hydra.utils
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, ValueError):
+            raise ConfigError(f"{key}: {exc.__cause__}") from exc.__cause__
+        raise
+
+
+def _check_finite_state(model: torch.nn.Module, it: int) -> None:
+    """Raise NonFiniteWeightsError unless every float weight and buffer of ``model`` is finite."""
+    tensors = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+    if not tensors:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()  # one device sync
+    bad = [name for name, ok in zip(tensors, finite) if not ok]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise NonFiniteWeightsError(f"non-finite weights after iteration {it}: {', '.join(bad[:5])}{more}")
+
+
 def _outputs_to_float(out):
     """Autocast leaves head outputs in bf16; losses and assignment run in float32."""
     changes = {}
@@ -232,10 +300,10 @@ def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
     """Train and evaluate one run; returns its metrics (also written to ``metrics.json``).
 
     Raises NonFiniteLossError / RunInterrupted / any build error to the caller, which records
-    the failure; a checkpoint written before the fault stays in place.
+    the failure; a checkpoint written before the fault stays in place. Config values out of range
+    (assigner parameters, scorer name, batch size, iterations) raise ConfigError before any data
+    is generated or loaded.
     """
-    import hydra.utils
-
     import assigners  # noqa: F401  (imported for the registry behind cfg.assigner._target_)
     from detector import DetectionLoss, build_scorer
     from experiments.data import build_dataset, collate
@@ -252,17 +320,20 @@ def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
     sched = cfg.schedule
     total_batch = int(sched.batch_size)
     if total_batch % dist_info.world_size:
-        raise ValueError(
+        raise ConfigError(
             f"schedule.batch_size={total_batch} is not divisible by the {dist_info.world_size} processes"
         )
     local_batch = total_batch // dist_info.world_size
     iters = int(sched.iters)
     if iters <= 0:
-        raise ValueError(f"schedule.iters must be > 0, got {iters}")
+        raise ConfigError(f"schedule.iters must be > 0, got {iters}")
 
     # ---- build everything before training, so config and data errors fail fast
-    assigner = hydra.utils.instantiate(cfg.assigner)
-    scorer = build_scorer(str(cfg.scorer.name))
+    assigner = _instantiate(cfg.assigner, "assigner")
+    try:
+        scorer = build_scorer(str(cfg.scorer.name))
+    except ValueError as exc:
+        raise ConfigError(f"scorer.name: {exc}") from exc
     data = cfg.data
     digits_params = OmegaConf.to_container(data.digits, resolve=True) if "digits" in data else None
     common = dict(root=data.root, digits_params=digits_params)
@@ -282,8 +353,8 @@ def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
         val_set = torch.utils.data.Subset(val_set, range(min(int(cfg.eval.max_images), len(val_set))))
     val_base = val_set.dataset if isinstance(val_set, torch.utils.data.Subset) else val_set
 
-    model = hydra.utils.instantiate(
-        cfg.model, num_classes=train_set.num_classes, use_quality=scorer.uses_quality_branch
+    model = _instantiate(
+        cfg.model, "model", num_classes=train_set.num_classes, use_quality=scorer.uses_quality_branch
     ).to(device)
     loss_cfg = cfg.scorer.loss
     criterion = DetectionLoss(
@@ -337,10 +408,13 @@ def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
         drop_last=True,
         persistent_workers=int(data.num_workers) > 0,
         generator=generator,
+        worker_init_fn=_ignore_stop_signals,
+        multiprocessing_context=_worker_context(int(data.num_workers)),
     )
     val_loader = torch.utils.data.DataLoader(
         val_set, batch_size=int(cfg.eval.batch_size), shuffle=False, num_workers=int(data.num_workers),
-        collate_fn=collate,
+        collate_fn=collate, worker_init_fn=_ignore_stop_signals,
+        multiprocessing_context=_worker_context(int(data.num_workers)),
     )
     autocast_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.get("amp", True)) else None
     inference_cfg = dict(OmegaConf.to_container(cfg.inference, resolve=True))
@@ -406,7 +480,7 @@ def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
                 losses, info = criterion(_outputs_to_float(out), targets)
                 total = sum(losses.values())
                 if not torch.isfinite(total):
-                    terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+                    terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
                     raise NonFiniteLossError(f"non-finite loss at iteration {it + 1}: {terms}")
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
@@ -432,6 +506,8 @@ def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
                         stats.write({"iter": it, **{k: float(np.mean(v)) for k, v in window.items()}})
                     window.clear()
 
+                if it in eval_iters or it % int(sched.checkpoint_every) == 0 or stop.signum is not None:
+                    _check_finite_state(model, it)  # never score or checkpoint a diverged model
                 if it in eval_iters:
                     ap, iou_err = evaluate()
                     ap_curve.append([it, ap["AP"]])

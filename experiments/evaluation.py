@@ -23,7 +23,8 @@ def coco_evaluate(coco_gt, results: list[dict[str, Any]], backend: str = "pycoco
     """Run bbox COCOeval of ``results`` (COCO results-format dicts) against ``coco_gt``.
 
     coco_gt: a pycocotools ``COCO`` holding the ground truth.
-    Returns the six AP numbers in percent. With no detections at all every AP is 0.
+    Returns the six AP numbers in percent (None for an area range without GT). With no
+    detections at all every AP is 0.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown eval.backend '{backend}'; valid choices: {', '.join(BACKENDS)}")
@@ -54,7 +55,8 @@ def coco_evaluate(coco_gt, results: list[dict[str, Any]], backend: str = "pycoco
             ev.accumulate()
             ev.summarize()
         stats = ev.stats
-    return {name: float(stats[i]) * 100.0 for i, name in enumerate(AP_NAMES)}
+    # COCOeval reports -1 for an area range without any GT (e.g. APl on small images): null.
+    return {name: (float(stats[i]) * 100.0 if stats[i] >= 0 else None) for i, name in enumerate(AP_NAMES)}
 
 
 def iou_prediction_error(
@@ -130,7 +132,7 @@ def run_inference(model, loader, device, scorer, inference_cfg: dict, label_to_c
 
 
 def summarize_ap(values: dict[str, float]) -> str:
-    return "  ".join(f"{k} {values[k]:.1f}" for k in AP_NAMES)
+    return "  ".join(f"{k} {values[k]:.1f}" if values[k] is not None else f"{k} -" for k in AP_NAMES)
 
 
 __all__ = [

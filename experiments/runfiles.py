@@ -76,6 +76,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the temp files that ``atomic_write_bytes`` left under ``directory`` when killed mid-write.
+
+    A ``kill -9`` between ``mkstemp`` and ``os.replace`` leaves a ``.<name>.<random>.tmp`` file (as
+    large as a checkpoint) next to the intact previous version. Call this only while holding the
+    directory's ``RunLock``, when no other writer can have a write in flight. Returns what it removed.
+    """
+    removed = []
+    for tmp in sorted(Path(directory).rglob(".*.tmp")):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -14,41 +14,81 @@ import traceback
 from pathlib import Path
 
 import hydra
+import torch
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from .data import DatasetError
 from .engine import (
+    ConfigError,
+    DistInfo,
     NonFiniteLossError,
     RunInterrupted,
     RunPaths,
     record_failure,
     run_is_done,
+    setup_distributed,
     train_run,
     write_resolved_config,
 )
-from .runfiles import RunLock, read_metrics
+from .runfiles import RunLock, read_metrics, remove_stale_temp_files
+
+# Failures whose message says all there is to say (which value, file or iteration): no traceback.
+EXPECTED_FAILURES = (ConfigError, DatasetError, NonFiniteLossError)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(str(cfg.results_root)) / str(cfg.grid.name) / str(cfg.run_name)
 
 
-def execute(cfg: DictConfig, overrides: list[str], raise_on_failure: bool) -> dict | None:
-    """Run one job with skip/lock/failure handling; returns its metrics (None if skipped by lock)."""
-    paths = RunPaths(run_dir_of(cfg))
+def _claim_run(paths: RunPaths) -> tuple[str, RunLock | None]:
+    """Whether this process trains the run: ("train", its held lock), ("done", None) or ("locked", None)."""
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     if run_is_done(paths):
-        print(f"[assignbench] {paths.run_dir}: already done, skipped")
-        return read_metrics(paths.metrics)
+        return "done", None
     lock = RunLock(paths.run_dir)
     if not lock.acquire():
-        print(f"[assignbench] {paths.run_dir}: another process holds its lock, skipped")
+        return "locked", None
+    if run_is_done(paths):  # finished by another process between the check and the lock
+        lock.release()
+        return "done", None
+    return "train", lock
+
+
+def _as_on_rank_zero(value: str, dist_info: DistInfo) -> str:
+    """``value`` as rank 0 of this torchrun job has it (``value`` itself in a single process)."""
+    if dist_info.world_size == 1:
+        return value
+    box = [value]
+    device = torch.device("cuda", dist_info.local_rank) if dist.get_backend() == "nccl" else None
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
+
+
+def execute(cfg: DictConfig, overrides: list[str], raise_on_failure: bool) -> dict | None:
+    """Run one job with skip/lock/failure handling; returns its metrics (None if skipped by lock).
+
+    Under torchrun, rank 0 alone checks and locks the run directory and the other ranks follow its
+    decision, so the processes of one job never take each other for a concurrent grid.
+    """
+    paths = RunPaths(run_dir_of(cfg))
+    dist_info = setup_distributed()
+    decision, lock = _claim_run(paths) if dist_info.is_main else ("", None)
+    decision = _as_on_rank_zero(decision, dist_info)
+    if decision == "done":
+        if dist_info.is_main:
+            print(f"[assignbench] {paths.run_dir}: already done, skipped")
+        return read_metrics(paths.metrics)
+    if decision == "locked":
+        if dist_info.is_main:
+            print(f"[assignbench] {paths.run_dir}: another process holds its lock, skipped")
         return None
     try:
-        if run_is_done(paths):  # finished by another process while we waited for the lock
-            return read_metrics(paths.metrics)
-        write_resolved_config(paths, cfg)
+        if dist_info.is_main:
+            remove_stale_temp_files(paths.run_dir)  # left by a process killed mid-write; we hold the lock
+            write_resolved_config(paths, cfg)
         try:
             metrics = train_run(cfg, paths.run_dir, overrides)
         except RunInterrupted as exc:
@@ -58,19 +98,21 @@ def execute(cfg: DictConfig, overrides: list[str], raise_on_failure: bool) -> di
             error = f"{type(exc).__name__}: {exc}"
             record_failure(paths, cfg, overrides, error)
             print(f"[assignbench] {paths.run_dir}: FAILED: {error}", file=sys.stderr)
-            if not isinstance(exc, NonFiniteLossError):
+            if not isinstance(exc, EXPECTED_FAILURES):
                 traceback.print_exc()
             if raise_on_failure:
                 raise SystemExit(1) from None
             return read_metrics(paths.metrics)
-        print(
-            f"[assignbench] {paths.run_dir}: AP {metrics['AP']:.1f} (AP50 {metrics['AP50']:.1f}, "
-            f"AP75 {metrics['AP75']:.1f}), {metrics['images_per_second']} img/s, "
-            f"{metrics['train_seconds']:.0f} s training; results in {paths.run_dir}"
-        )
+        if dist_info.is_main:
+            print(
+                f"[assignbench] {paths.run_dir}: AP {metrics['AP']:.1f} (AP50 {metrics['AP50']:.1f}, "
+                f"AP75 {metrics['AP75']:.1f}), {metrics['images_per_second']} img/s, "
+                f"{metrics['train_seconds']:.0f} s training; results in {paths.run_dir}"
+            )
         return metrics
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

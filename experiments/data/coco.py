@@ -3,7 +3,9 @@
 Images come out as float RGB in [0, 1], *not* normalised (the detector normalises), resized so the shorter
 side is ``min_size`` and the longer at most ``max_size``. Annotations are sanitised once at construction:
 boxes are clipped to the image, boxes with no area left are dropped, annotations of unknown categories are
-dropped, and each kind of fix is counted and reported in one warning.
+dropped, and each kind of fix is counted and reported in one warning. Two fields that COCOeval reads but
+box-only conversions often leave out get their usual defaults at load time, so evaluation cannot fail on
+them after hours of training: a missing ``iscrowd`` is 0 and a missing ``area`` is the box's ``w * h``.
 """
 
 from __future__ import annotations
@@ -222,6 +224,7 @@ def _load_coco(ann_file: Path) -> COCO:
     except (OSError, ValueError) as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise DatasetError(f"malformed annotation file {ann_file}: {error}") from error
     _check_fields(ann_file, dataset)
+    _fill_eval_defaults(dataset)
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -249,10 +252,33 @@ def _check_fields(ann_file: Path, dataset: object) -> None:
                 raise DatasetError(
                     f"malformed annotation file {ann_file}: an entry of '{key}' lacks one of {fields}: {str(entry)[:200]}"
                 )
-            if key == "annotations" and (not isinstance(entry["bbox"], list) or len(entry["bbox"]) != 4):
+            if key == "annotations" and not _is_xywh(entry["bbox"]):
                 raise DatasetError(
-                    f"malformed annotation file {ann_file}: annotation {entry['id']} bbox {entry['bbox']} is not [x, y, w, h]"
+                    f"malformed annotation file {ann_file}: annotation {entry['id']} bbox {entry['bbox']} is not [x, y, w, h] (four numbers)"
                 )
+
+
+def _is_xywh(bbox: object) -> bool:
+    """True for a list of four numbers (bools are not numbers here)."""
+    return (
+        isinstance(bbox, list)
+        and len(bbox) == 4
+        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in bbox)
+    )
+
+
+def _fill_eval_defaults(dataset: dict) -> None:
+    """Give every annotation the ``iscrowd`` and ``area`` fields COCOeval reads (in place).
+
+    The loader needs neither, but pycocotools' COCOeval raises KeyError without them, which would
+    only show at the first evaluation. Defaults: ``iscrowd`` 0, ``area`` the box's ``w * h``
+    (what COCOeval takes for detections; COCO's own ``area`` is the mask area, kept when present).
+    """
+    for ann in dataset["annotations"]:
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann:
+            width, height = ann["bbox"][2], ann["bbox"][3]
+            ann["area"] = float(max(width, 0) * max(height, 0))
 
 
 def _hflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:

@@ -85,7 +85,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypa
 
 def test_directory_names_and_root(tmp_path, monkeypatch):
     assert digits_dir(tmp_path) == tmp_path / "digits-v1"
-    assert digits_dir(tmp_path, min_size=8, seed=0) == tmp_path / "digits-v1"  # 8 == 8.0: still the defaults
+    assert digits_dir(tmp_path, min_size=12, seed=0) == tmp_path / "digits-v1"  # 12 == 12.0: still the defaults
     small = digits_dir(tmp_path, **SMALL)
     assert re.fullmatch(r"digits-v1-[0-9a-f]{8}", small.name)
     assert digits_dir(tmp_path, **SMALL, seed=1) != small

@@ -1,0 +1,232 @@
+"""Assignment cost of every assigner on two fixed, seeded batches, measured side by side.
+
+    python -m benchmarks.assign [--device cpu|cuda] [--reps N] [--threads N]
+
+Batches (built once, seeded, never changed by the assigners):
+- ``digits``: the GT of the first 8 images of the digits val set at 128 px, anchors of the digits
+  preset (P2-P6, anchor side 4 x stride), 10 classes;
+- ``coco``: 16 images of 800 x 1216 with about 7 GT each (log-uniform sizes from 12 to 600 px),
+  P3-P7 anchors of side 8 x stride (``detector.anchors.make_anchors``), 80 classes.
+Predictions for both come from ``noisy_predictions``: near an object (IoU > 0.1 with it) an anchor's
+box is the GT jittered in proportion to how poorly the anchor overlaps it and its GT class logit is
+raised; elsewhere the box is the anchor jittered at random, and every logit is the focal prior
+(p = 0.01) plus noise.
+
+Timed: ``iou``, ``atss``, ``fnp``, ``fsr`` and ``paa`` with their defaults (PAA scheme c), PAA three
+ways: ``paa-torch`` (the batched GMM), ``paa-sklearn`` (the assigner's ``gmm_backend="sklearn"``: one
+sklearn GaussianMixture per GT, everything else batched as in ``paa-torch``) and ``paa-official``
+(``official_paa``: the official code's per-image, per-GT loops, with its per-level top-k, its
+GaussianMixture and its labelling per GT, on our anchor loss). Printed: ms per batch of each,
+PAA(torch)/ATSS, PAA(sklearn)/PAA(torch), PAA(official)/PAA(torch), the share of GTs whose
+positive anchors are the same for paa-torch and each of the other two, and each case's peak
+memory growth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import assigners
+from assigners import NEGATIVE, AssignInputs, Assignment, anchor_loss, fit_gmm_sklearn, gt_anchor_iou
+from benchmarks.common import (
+    Report,
+    describe_machine,
+    median_ms,
+    median_ratio,
+    parse_args,
+    peak_memory_mb,
+    setup_device,
+    time_interleaved,
+)
+from detector import make_anchors
+from detector.losses import pad_targets
+
+CASES = {
+    "iou": dict(name="iou"),
+    "atss": dict(name="atss"),
+    "fnp": dict(name="fnp"),
+    "fsr": dict(name="fsr"),
+    "paa-torch": dict(name="paa", gmm_backend="torch"),
+    "paa-sklearn": dict(name="paa", gmm_backend="sklearn"),
+}
+PRIOR_LOGIT = -math.log((1 - 0.01) / 0.01)
+DIGITS_STRIDES = (4, 8, 16, 32, 64)
+COCO_STRIDES = (8, 16, 32, 64, 128)
+
+
+def level_anchors(image_size: tuple[int, int], strides: tuple[int, ...], anchor_scale: float, device):
+    """(A, 4) anchors and their per-level counts for an image of ``image_size`` (H, W) pixels."""
+    height, width = image_size
+    sizes = [(-(-height // stride), -(-width // stride)) for stride in strides]
+    return make_anchors(sizes, list(strides), anchor_scale, device=device)
+
+
+def noisy_predictions(
+    anchors: torch.Tensor,
+    counts: list[int],
+    targets: list[dict[str, torch.Tensor]],
+    num_classes: int,
+    generator: torch.Generator,
+) -> AssignInputs:
+    """AssignInputs for ``targets`` on CPU with predictions of a half-trained detector (module docstring)."""
+    gt_boxes, gt_labels, gt_mask = pad_targets(targets)
+    static = AssignInputs(anchors, counts, gt_boxes, gt_labels, gt_mask)
+    best_iou, best_gt = gt_anchor_iou(static).max(dim=1)  # needs G >= 1
+    b, a = len(targets), anchors.shape[0]
+    near = best_iou > 0.1  # (B, A)
+
+    cls_logits = PRIOR_LOGIT + 0.8 * torch.randn(b, a, num_classes, generator=generator)
+    label = gt_labels.gather(1, best_gt)
+    signal = 6.0 * best_iou.clamp(min=0) * torch.rand(b, a, generator=generator)
+    cls_logits.scatter_add_(2, label.unsqueeze(-1), torch.where(near, signal, 0.0).unsqueeze(-1))
+
+    target = gt_boxes.gather(1, best_gt.unsqueeze(-1).expand(b, a, 4))
+    target_side = (target[..., 2:] - target[..., :2]).repeat(1, 1, 2)
+    anchor_side = (anchors[:, 2:] - anchors[:, :2]).repeat(1, 2)
+    jitter = (0.05 + 0.3 * (1 - best_iou.clamp(min=0, max=1))).unsqueeze(-1)
+    near_box = target + jitter * target_side * torch.randn(b, a, 4, generator=generator)
+    far_box = anchors + 0.3 * anchor_side * torch.randn(b, a, 4, generator=generator)
+    pred_boxes = torch.where(near.unsqueeze(-1), near_box, far_box)
+    return AssignInputs(anchors, counts, gt_boxes, gt_labels, gt_mask, cls_logits, pred_boxes)
+
+
+def coco_like_batch(num_images: int = 16, image_size: tuple[int, int] = (800, 1216), mean_gt: float = 7.0) -> AssignInputs:
+    """The seeded COCO-like batch (module docstring), on CPU."""
+    generator = torch.Generator().manual_seed(0)
+    height, width = image_size
+    targets = []
+    for _ in range(num_images):
+        count = int(torch.poisson(torch.tensor(mean_gt), generator=generator).clamp(1, 30))
+        side = torch.exp(torch.empty(count).uniform_(math.log(12.0), math.log(600.0), generator=generator))
+        aspect = torch.exp(torch.empty(count).uniform_(math.log(0.5), math.log(2.0), generator=generator))
+        w = (side * aspect.sqrt()).clamp(max=width)
+        h = (side / aspect.sqrt()).clamp(max=height)
+        x1 = torch.rand(count, generator=generator) * (width - w)
+        y1 = torch.rand(count, generator=generator) * (height - h)
+        labels = torch.randint(0, 80, (count,), generator=generator)
+        targets.append({"boxes": torch.stack([x1, y1, x1 + w, y1 + h], dim=1), "labels": labels})
+    anchors, counts = level_anchors(image_size, COCO_STRIDES, 8.0, "cpu")
+    return noisy_predictions(anchors, counts, targets, 80, generator)
+
+
+def digits_batch(num_images: int = 8) -> AssignInputs:
+    """The seeded digits batch (module docstring), on CPU; builds the digits set if missing."""
+    from experiments.data import build_dataset
+
+    dataset = build_dataset("digits", "val", train=False, min_size=128, max_size=128, flip_prob=0.0)
+    targets = [dataset[index][1] for index in range(num_images)]
+    anchors, counts = level_anchors((128, 128), DIGITS_STRIDES, 4.0, "cpu")
+    return noisy_predictions(anchors, counts, targets, 10, torch.Generator().manual_seed(1))
+
+
+def tiny_batch() -> AssignInputs:
+    """Two 128 x 192 images with COCO-like structure: exercises every step in a second."""
+    generator = torch.Generator().manual_seed(2)
+    targets = [
+        {"boxes": torch.tensor([[10.0, 20.0, 70.0, 90.0], [100.0, 30.0, 180.0, 60.0]]), "labels": torch.tensor([1, 3])},
+        {"boxes": torch.tensor([[40.0, 40.0, 56.0, 60.0]]), "labels": torch.tensor([2])},
+    ]
+    anchors, counts = level_anchors((128, 192), COCO_STRIDES, 8.0, "cpu")
+    return noisy_predictions(anchors, counts, targets, 5, generator)
+
+
+def to_device(inputs: AssignInputs, device: torch.device) -> AssignInputs:
+    return AssignInputs(
+        inputs.anchors.to(device),
+        inputs.num_anchors_per_level,
+        inputs.gt_boxes.to(device),
+        inputs.gt_labels.to(device),
+        inputs.gt_mask.to(device),
+        inputs.cls_logits.to(device),
+        inputs.pred_boxes.to(device),
+    )
+
+
+def official_paa(inputs: AssignInputs, topk: int = 9) -> Assignment:
+    """PAA scheme c as the official code runs it (kkhoot/PAA, ``PAALossComputation.compute_paa``), on
+    our anchor loss: for each image and each GT, per level the ``topk`` lowest-loss anchors pre-matched
+    to it, then one sklearn GaussianMixture (``fit_gmm_sklearn`` on that GT alone) and its labels.
+
+    A restatement for timing the official method and checking agreement with ``paa``, not a second
+    assigner. Departures, to compare like with like: top-k and sorting are stable (ties to the lower
+    anchor index, as ``paa``), and anchors with a non-finite loss are not candidates.
+    """
+    losses = anchor_loss(inputs)
+    gt_index = torch.full_like(losses.prematch, NEGATIVE)
+    level_bounds, start = [], 0
+    for count in inputs.num_anchors_per_level:
+        level_bounds.append((start, start + count))
+        start += count
+    for image in range(inputs.batch_size):
+        loss, prematch = losses.loss[image], losses.prematch[image]
+        for gt in inputs.gt_mask[image].nonzero().flatten().tolist():
+            per_level = []
+            for start, end in level_bounds:
+                matched = ((prematch[start:end] == gt) & torch.isfinite(loss[start:end])).nonzero()[:, 0]
+                if matched.numel() > 0:
+                    order = torch.argsort(loss[start:end][matched], stable=True)[:topk]
+                    per_level.append(matched[order] + start)
+            if not per_level:
+                continue
+            candidates = torch.cat(per_level)
+            if candidates.numel() == 1:
+                gt_index[image, candidates] = gt
+                continue
+            candidate_loss, order = torch.sort(loss[candidates], stable=True)
+            fit = fit_gmm_sklearn(candidate_loss.view(1, -1), torch.ones_like(candidate_loss, dtype=torch.bool).view(1, -1))
+            foreground, score = fit.labels[0] == 0, fit.log_density[0]
+            if bool(foreground.any()):  # positives up to the fg peak (Fig. 3 c)
+                peak = int((foreground & (score == score[foreground].max())).nonzero().min())
+                gt_index[image, candidates[order[: peak + 1]]] = gt
+            else:  # no foreground component: all positive, for recall
+                gt_index[image, candidates] = gt
+    return Assignment(gt_index=gt_index)
+
+
+def positive_set_agreement(inputs: AssignInputs, first: Assignment, second: Assignment) -> float:
+    """Share of real GTs whose set of positive anchors is the same in both assignments."""
+    num_gt_slots = inputs.num_gt_slots
+    slots = torch.arange(num_gt_slots, device=inputs.anchors.device).view(1, -1, 1)
+    same = ((first.gt_index.unsqueeze(1) == slots) == (second.gt_index.unsqueeze(1) == slots)).all(dim=2)
+    return float(same[inputs.gt_mask].float().mean()) if bool(inputs.gt_mask.any()) else 1.0
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], default_reps=10)
+    device = setup_device(args)
+    print(describe_machine(device, args.threads), flush=True)
+    batches = {"tiny": tiny_batch()} if args.tiny else {"digits": digits_batch(), "coco": coco_like_batch()}
+    report = Report("assign", device, args.threads)
+    built = {case: assigners.build(**params) for case, params in CASES.items()}
+    for section, cpu_inputs in batches.items():
+        inputs = to_device(cpu_inputs, device)
+        num_gt = int(inputs.gt_mask.sum())
+        print(
+            f"assign {section}: {inputs.batch_size} images, {num_gt} GT, {inputs.anchors.shape[0]} anchors, "
+            f"{inputs.cls_logits.shape[-1]} classes",
+            flush=True,
+        )
+        cases = {case: (lambda a=assigner, x=inputs: a(x)) for case, assigner in built.items()}
+        cases["paa-official"] = lambda x=inputs: official_paa(x)
+        seconds = time_interleaved(cases, reps=args.reps, warmup=args.warmup, device=device)
+        ms = {case: median_ms(values) for case, values in seconds.items()}
+        for case in cases:
+            report.figure(section, f"{case} ms/batch", ms[case], "ms")
+        for case, call in cases.items():
+            report.figure(section, f"{case} peak memory", peak_memory_mb(call, device), "MiB")
+        coco = section == "coco"
+        report.ratio(section, "PAA(torch)/ATSS", median_ratio(seconds["paa-torch"], seconds["atss"]), "<= 2.0")
+        for other in ("sklearn", "official"):
+            ratio = median_ratio(seconds[f"paa-{other}"], seconds["paa-torch"])
+            report.ratio(section, f"PAA({other})/PAA(torch)", ratio, ">= 20" if coco else "")
+        paa_torch = built["paa-torch"](inputs)
+        for other in ("sklearn", "official"):
+            agreement = positive_set_agreement(inputs, paa_torch, cases[f"paa-{other}"]())
+            report.ratio(section, f"GTs with equal positives, {other}", agreement, ">= 0.99", unit="share")
+    report.write_csv(args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# The GPU check of assignbench: one script, at most 8 minutes on one H100/H200.
+#
+#   bash benchmarks/gpu_check.sh                # on the GPU machine
+#   bash benchmarks/gpu_check.sh --dry-run      # every section on the CPU, tiny sizes (also GPU_CHECK_DEVICE=cpu)
+#   bash benchmarks/gpu_check.sh --fetch-wheels # where pip reaches PyPI: wheels the GPU image lacks -> .whl/
+#
+# Sections, each timed and capped: environment, digits data, the assigner tests (tests/assigners, whose
+# CUDA tests run when CUDA is there), the assignment benchmark, the training-throughput benchmark, and
+# the `demo` grid (iou+none, atss+centerness, paa+iou) on the gpu_digits schedule shortened to
+# GPU_CHECK_ITERS iterations, ending with its table and AP and images/s per variant.
+#
+# Environment: the GPU image has torch but not hydra-core, omegaconf, antlr4, pycocotools or
+# faster-coco-eval, and no network. Unless .venv or python3 already has them, the script installs them
+# next to the preinstalled torch (pip --target $WORK/site, on PYTHONPATH) from the wheels in .whl/
+# (made by --fetch-wheels; carry .whl to the machine), or from PyPI when there is no .whl/. The repo
+# itself is used in place (PYTHONPATH), so `python -m experiments.train` stands for assignbench-train.
+#
+# Output: the full log, a summary, the benchmarks' CSVs and the grid's table go to $OUT when it is set
+# (else to $WORK); runs, data and installed packages go to $WORK (default /tmp/assignbench-gpu-check), as the
+# device tool returns only a few files from $OUT.
+# Variables: OUT, GPU_CHECK_DEVICE (cuda|cpu), GPU_CHECK_ITERS (default 250), GPU_CHECK_WORK, and
+# GPU_CHECK_PYTHON (an interpreter to try first).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$PWD
+MODE=gpu
+[[ ${GPU_CHECK_DEVICE:-cuda} == cpu ]] && MODE=dry
+for arg in "$@"; do
+    case $arg in
+        --dry-run) MODE=dry ;;
+        --fetch-wheels) MODE=fetch ;;
+        -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+# Versions the GPU machine gets: those of the local .venv when there is one, else these.
+WHEEL_PINS=(hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 pycocotools==2.0.11 faster-coco-eval==1.8.0)
+
+fetch_wheels() {
+    local py=python3 pins=()
+    [[ -x .venv/bin/python ]] && py=.venv/bin/python
+    for pin in "${WHEEL_PINS[@]}"; do
+        local name=${pin%%==*} version
+        version=$("$py" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name" 2>/dev/null) \
+            || version=${pin##*==}
+        pins+=("$name==$version")
+    done
+    mkdir -p .whl
+    local platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+    # Compiled ones for the GPU image's CPython 3.12 on x86-64; the rest are pure Python.
+    "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        "${platforms[@]}" -d .whl "${pins[3]}" "${pins[4]}"
+    "$py" -m pip download -q --no-deps --only-binary=:all: -d .whl "${pins[0]}" "${pins[1]}"
+    "$py" -m pip wheel -q --no-deps -w .whl "${pins[2]}"  # published as a source distribution only
+    ls -l .whl
+    echo "carry .whl to the GPU machine (run's carry: [\".whl\"])"
+}
+
+if [[ $MODE == fetch ]]; then
+    fetch_wheels
+    exit 0
+fi
+
+WORK=${GPU_CHECK_WORK:-${TMPDIR:-/tmp}/assignbench-gpu-check}
+[[ $MODE == dry ]] && WORK=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/assignbench-gpu-dry.XXXXXX")}
+REPORT=${OUT:-$WORK}
+mkdir -p "$WORK" "$REPORT"
+LOG=$REPORT/gpu_check.log
+SUMMARY=$REPORT/summary.txt
+: >"$LOG"
+: >"$SUMMARY"
+exec > >(tee -a "$LOG") 2>&1
+
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+export ASSIGNBENCH_DATA=$WORK/data
+RESULTS=$WORK/results
+FAILED=0
+NEEDED_MODULES="import torch, torchvision, sklearn, hydra, omegaconf, pycocotools, faster_coco_eval, pytest"
+[[ $MODE == gpu ]] && NEEDED_MODULES+="; assert torch.cuda.is_available(), 'this torch sees no CUDA device'"
+
+# section NAME CAP_SECONDS COMMAND...: run, time and record one section; a failure does not stop the
+# others. A command is stopped after CAP_SECONDS; a shell function of this script runs uncapped.
+section() {
+    local name=$1 cap=$2 start status
+    shift 2
+    echo
+    start=$(date +%s)
+    set +e
+    if declare -F "$1" >/dev/null; then
+        echo "=== $name ==="
+        "$@"
+    else
+        echo "=== $name (stopped after ${cap}s) ==="
+        timeout "$cap" "$@"
+    fi
+    status=$?
+    set -e
+    local seconds=$(($(date +%s) - start))
+    local verdict=ok
+    if [[ $status -eq 124 ]]; then verdict="TIMED OUT"; elif [[ $status -ne 0 ]]; then verdict="FAILED ($status)"; fi
+    [[ $verdict == ok ]] || FAILED=1
+    printf '%-12s %5ss  %s\n' "$name" "$seconds" "$verdict" | tee -a "$SUMMARY"
+}
+
+# has_packages PYTHON: whether PYTHON imports everything the check needs (and, on the GPU, sees CUDA).
+has_packages() {
+    "$1" -c "$NEEDED_MODULES; import sys; print(sys.executable, sys.version.split()[0], 'torch', torch.__version__, \
+'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>/dev/null
+}
+
+# The first interpreter with every package; else python3 with the missing ones installed into $WORK/site
+# (no venv: the image's python3 is itself a venv, and a venv made from it would not see its torch).
+setup_python() {
+    local site=$WORK/site candidate
+    for candidate in ${GPU_CHECK_PYTHON:-} "$REPO/.venv/bin/python" "$(command -v python3)"; do
+        if [[ -x $candidate ]] && has_packages "$candidate"; then
+            PY=$candidate
+            return 0
+        fi
+    done
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        python3 -m pip install -q --no-deps --no-compile --no-index --target "$site" .whl/*.whl || return 1
+    else
+        python3 -m pip install -q --no-deps --no-compile --target "$site" "${WHEEL_PINS[@]}" || return 1
+    fi
+    export PYTHONPATH=$PYTHONPATH:$site
+    has_packages python3 && PY=$(command -v python3)
+}
+
+print_grid() {
+    "$PY" - "$RESULTS/demo" "$REPORT" <<'EOF'
+import json, shutil, sys
+from pathlib import Path
+grid, report = Path(sys.argv[1]), Path(sys.argv[2])
+rows = []
+for metrics_file in sorted(grid.glob("*/metrics.json")):
+    m = json.loads(metrics_file.read_text())
+    rows.append(f"{metrics_file.parent.name:<24} {m['status']:<7} AP {m.get('AP') or 0:5.1f}  AP50 {m.get('AP50') or 0:5.1f}  "
+                f"{m.get('images_per_second') or 0:8.1f} img/s  {m.get('peak_memory_mb') or 0:8.0f} MiB  {m.get('error') or ''}")
+print("\n".join(rows) or "no runs")
+table = grid / "table.md"
+if table.exists():
+    print(table.read_text())
+    shutil.copy(table, report / "demo_table.md")
+(report / "demo_runs.txt").write_text("\n".join(rows) + "\n")
+sys.exit(0 if rows and all(" done " in r for r in rows) else 1)
+EOF
+}
+
+make_data() {  # the default digits set (benchmarks) and the demo grid's 256 px one, on every core
+    "$PY" -m experiments.data_cli digits --num-workers "$(nproc)"
+    "$PY" -m experiments.data_cli digits --image-size 256 --num-train 2000 --num-val 200 --num-workers "$(nproc)"
+}
+
+copy_csvs() {
+    cp "$WORK"/bench/*.csv "$REPORT"/ 2>/dev/null || true
+}
+
+echo "assignbench GPU check: mode $MODE, work $WORK, report $REPORT, $(date -u +%FT%TZ)"
+PY=
+section env 0 setup_python
+[[ -n $PY ]] || { echo "no Python environment with the needed packages; stopping"; exit 1; }
+
+if [[ $MODE == gpu ]]; then
+    DEVICE=cuda
+    ITERS=${GPU_CHECK_ITERS:-250}
+    GRID_DATA=(data.digits.num_train=2000 data.digits.num_val=200)
+    section data 0 make_data
+    section tests 100 "$PY" -m pytest tests/assigners -q -p no:cacheprovider
+    section assign 60 "$PY" -m benchmarks.assign --device cuda --out-dir "$WORK/bench"
+    section train 60 "$PY" -m benchmarks.train --device cuda --out-dir "$WORK/bench"
+    section grid 200 "$PY" -m experiments.train -m grid=demo device=cuda schedule=gpu_digits \
+        "schedule.iters=$ITERS" schedule.warmup_iters=50 schedule.log_every=50 "${GRID_DATA[@]}" \
+        'eval.curve_fractions=[1.0]' eval.snapshots=false progress=false "results_root=$RESULTS"
+else
+    DEVICE=cpu
+    TINY=(schedule=debug schedule.iters=2 model.fpn_channels=32 model.num_convs=1 data.digits.image_size=96
+        data.digits.num_train=16 data.digits.num_val=4 data.num_workers=0 'eval.curve_fractions=[1.0]'
+        eval.snapshots=false progress=false)
+    section tests 60 "$PY" -m pytest tests/assigners -q -p no:cacheprovider -k cuda
+    section assign 60 "$PY" -m benchmarks.assign --device cpu --tiny --reps 1 --warmup 0 --out-dir "$WORK/bench"
+    section train 60 "$PY" -m benchmarks.train --device cpu --tiny --reps 1 --warmup 0 --out-dir "$WORK/bench"
+    section grid 120 "$PY" -m experiments.train -m grid=demo device=cpu num_threads=1 "${TINY[@]}" "results_root=$RESULTS"
+fi
+copy_csvs
+section table 0 print_grid
+
+echo
+echo "=== summary ($DEVICE) ==="
+cat "$SUMMARY"
+exit $FAILED

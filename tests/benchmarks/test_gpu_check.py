@@ -1,0 +1,31 @@
+"""benchmarks/gpu_check.sh in its CPU mode: every section runs, on tiny sizes, and reports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[2]
+SECTIONS = ("env", "tests", "assign", "train", "grid", "table")
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_WORK": str(tmp_path / "work"), "GPU_CHECK_PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in summary] == list(SECTIONS)
+    assert all(line.endswith("ok") for line in summary), summary
+    for name in ("gpu_check.log", "assign_cpu.csv", "train_cpu.csv", "demo_table.md", "demo_runs.txt"):
+        assert (out / name).is_file(), name
+    runs = (out / "demo_runs.txt").read_text().splitlines()
+    assert sorted(line.split()[0] for line in runs) == ["atss_centerness-s0", "iou_none-s0", "paa_iou-s0"]
