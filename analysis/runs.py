@@ -23,25 +23,16 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from experiments.runfiles import STATS_FIELDS  # torch-free: the results contract's columns
+
 log = logging.getLogger(__name__)
 
 DONE, FAILED, INCOMPLETE = "done", "failed", "incomplete"
 AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # Per-run scalars taken from metrics.json into the runs frame, next to the AP metrics.
 RUN_SCALARS = ("iou_pred_error", "images_per_second", "iters", "train_seconds", "peak_memory_mb")
-STATS_COLUMNS = (
-    "iter",
-    "loss_cls",
-    "loss_box",
-    "loss_quality",
-    "num_gt",
-    "num_pos",
-    "pos_per_gt_mean",
-    "pos_per_gt_std",
-    "pos_iou_mean",
-    "gt_without_pos",
-    "assign_ms",
-)
+# The stats.csv columns of the results contract, defined once where the engine writes them.
+STATS_COLUMNS = tuple(STATS_FIELDS)
 GRID_VARIANTS_FILE = "grid_variants.txt"
 
 _RUN_NAME = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
