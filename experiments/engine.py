@@ -560,13 +560,13 @@ def _record_snapshot(path: Path, model, assigner, val_set, device, it: int, auto
     """
     from assigners import AssignInputs
     from detector import pad_targets
+    from experiments.data import collate
 
     image, target = val_set[0]
     was_training = model.training
     model.eval()
-    h, w = image.shape[-2:]
-    pad_h, pad_w = (-h) % 32, (-w) % 32
-    batch = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h)).unsqueeze(0).to(device)
+    # The loader's own padding, to the model's largest stride so every level's stride is exact.
+    batch = collate([(image, target)], size_divisibility=model.size_divisibility)[0].to(device)
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with ctx:
         out = model(batch)
