@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_check.sh                # on the GPU machine
 #   bash benchmarks/gpu_check.sh --dry-run      # every section on the CPU, tiny sizes (also GPU_CHECK_DEVICE=cpu)
 #   bash benchmarks/gpu_check.sh --fetch-wheels # where pip reaches PyPI: wheels the GPU image lacks -> .whl/
+#   bash benchmarks/gpu_check.sh --grid-only    # environment, data and the grid only (a longer-budget grid)
 #
 # Sections, each timed and capped: environment, digits data, the assigner tests (tests/assigners, whose
 # CUDA tests run when CUDA is there), the assignment benchmark, the training-throughput benchmark, and
@@ -19,19 +20,25 @@
 # Output: the full log, a summary, the benchmarks' CSVs and the grid's table go to $OUT when it is set
 # (else to $WORK); runs, data and installed packages go to $WORK (default /tmp/assignbench-gpu-check), as the
 # device tool returns only a few files from $OUT.
-# Variables: OUT, GPU_CHECK_DEVICE (cuda|cpu), GPU_CHECK_ITERS (default 250), GPU_CHECK_WORK, and
-# GPU_CHECK_PYTHON (an interpreter to try first).
+# Variables: OUT, GPU_CHECK_DEVICE (cuda|cpu), GPU_CHECK_ITERS (default 250), GPU_CHECK_WORK,
+# GPU_CHECK_PYTHON (an interpreter to try first), GPU_CHECK_GRID (default demo), GPU_CHECK_VARIANTS (a
+# subset of the grid's variants, e.g. [paa_none,paa_iou]; default all), GPU_CHECK_JOBS (grid
+# variants trained at once on the one GPU through Hydra's joblib launcher; default 1, one after the
+# other), GPU_CHECK_GRID_CAP (seconds, default 200) and GPU_CHECK_CURVE (default [1.0]: the fractions
+# of training evaluated for ap_curve).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 REPO=$PWD
 MODE=gpu
+GRID_ONLY=0
 [[ ${GPU_CHECK_DEVICE:-cuda} == cpu ]] && MODE=dry
 for arg in "$@"; do
     case $arg in
         --dry-run) MODE=dry ;;
         --fetch-wheels) MODE=fetch ;;
-        -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+        --grid-only) GRID_ONLY=1 ;;
+        -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -78,8 +85,16 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export ASSIGNBENCH_DATA=$WORK/data
 RESULTS=$WORK/results
+GRID=${GPU_CHECK_GRID:-demo}
+JOBS=${GPU_CHECK_JOBS:-1}
 FAILED=0
 NEEDED_MODULES="import torch, torchvision, sklearn, hydra, omegaconf, pycocotools, faster_coco_eval, pytest"
+GRID_ARGS=()
+[[ -n ${GPU_CHECK_VARIANTS:-} ]] && GRID_ARGS+=("grid.variants=$GPU_CHECK_VARIANTS")
+if [[ $JOBS -gt 1 ]]; then
+    NEEDED_MODULES+=", hydra_plugins.hydra_joblib_launcher"
+    GRID_ARGS+=(hydra/launcher=joblib "hydra.launcher.n_jobs=$JOBS")
+fi
 [[ $MODE == gpu ]] && NEEDED_MODULES+="; assert torch.cuda.is_available(), 'this torch sees no CUDA device'"
 
 # section NAME CAP_SECONDS COMMAND...: run, time and record one section; a failure does not stop the
@@ -123,16 +138,16 @@ setup_python() {
         fi
     done
     if compgen -G ".whl/*.whl" >/dev/null; then
-        python3 -m pip install -q --no-deps --no-compile --no-index --target "$site" .whl/*.whl || return 1
+        python3 -m pip install -q --upgrade --no-deps --no-compile --no-index --target "$site" .whl/*.whl || return 1
     else
-        python3 -m pip install -q --no-deps --no-compile --target "$site" "${WHEEL_PINS[@]}" || return 1
+        python3 -m pip install -q --upgrade --no-deps --no-compile --target "$site" "${WHEEL_PINS[@]}" || return 1
     fi
     export PYTHONPATH=$PYTHONPATH:$site
     has_packages python3 && PY=$(command -v python3)
 }
 
 print_grid() {
-    "$PY" - "$RESULTS/demo" "$REPORT" <<'EOF'
+    "$PY" - "$RESULTS/$GRID" "$REPORT" <<'EOF'
 import json, shutil, sys
 from pathlib import Path
 grid, report = Path(sys.argv[1]), Path(sys.argv[2])
@@ -145,14 +160,14 @@ print("\n".join(rows) or "no runs")
 table = grid / "table.md"
 if table.exists():
     print(table.read_text())
-    shutil.copy(table, report / "demo_table.md")
-(report / "demo_runs.txt").write_text("\n".join(rows) + "\n")
+    shutil.copy(table, report / f"{grid.name}_table.md")
+(report / f"{grid.name}_runs.txt").write_text("\n".join(rows) + "\n")
 sys.exit(0 if rows and all(" done " in r for r in rows) else 1)
 EOF
 }
 
 make_data() {  # the default digits set (benchmarks) and the demo grid's 256 px one, on every core
-    "$PY" -m experiments.data_cli digits --num-workers "$(nproc)"
+    [[ $GRID_ONLY == 1 ]] || "$PY" -m experiments.data_cli digits --num-workers "$(nproc)"
     "$PY" -m experiments.data_cli digits --image-size 256 --num-train 2000 --num-val 200 --num-workers "$(nproc)"
 }
 
@@ -160,7 +175,7 @@ copy_csvs() {
     cp "$WORK"/bench/*.csv "$REPORT"/ 2>/dev/null || true
 }
 
-echo "assignbench GPU check: mode $MODE, work $WORK, report $REPORT, $(date -u +%FT%TZ)"
+echo "assignbench GPU check: mode $MODE, work $WORK, report $REPORT, grid $GRID ${GRID_ARGS[*]:-}, $(date -u +%FT%TZ)"
 PY=
 section env 0 setup_python
 [[ -n $PY ]] || { echo "no Python environment with the needed packages; stopping"; exit 1; }
@@ -170,23 +185,31 @@ if [[ $MODE == gpu ]]; then
     ITERS=${GPU_CHECK_ITERS:-250}
     GRID_DATA=(data.digits.num_train=2000 data.digits.num_val=200)
     section data 0 make_data
-    section tests 100 "$PY" -m pytest tests/assigners -q -p no:cacheprovider
-    section assign 60 "$PY" -m benchmarks.assign --device cuda --out-dir "$WORK/bench"
-    section train 60 "$PY" -m benchmarks.train --device cuda --out-dir "$WORK/bench"
-    section grid 200 "$PY" -m experiments.train -m grid=demo device=cuda schedule=gpu_digits \
-        "schedule.iters=$ITERS" schedule.warmup_iters=50 schedule.log_every=50 "${GRID_DATA[@]}" \
-        'eval.curve_fractions=[1.0]' eval.snapshots=false progress=false "results_root=$RESULTS"
+    if [[ $GRID_ONLY == 0 ]]; then
+        section tests 100 "$PY" -m pytest tests/assigners -q -p no:cacheprovider
+        section assign 60 "$PY" -m benchmarks.assign --device cuda --out-dir "$WORK/bench"
+        section train 60 "$PY" -m benchmarks.train --device cuda --out-dir "$WORK/bench"
+    fi
+    section grid "${GPU_CHECK_GRID_CAP:-200}" "$PY" -m experiments.train -m "grid=$GRID" device=cuda \
+        schedule=gpu_digits "schedule.iters=$ITERS" schedule.warmup_iters=50 schedule.log_every=50 \
+        "${GRID_DATA[@]}" "eval.curve_fractions=${GPU_CHECK_CURVE:-[1.0]}" eval.snapshots=false \
+        progress=false "results_root=$RESULTS" "${GRID_ARGS[@]}"
 else
     DEVICE=cpu
     TINY=(schedule=debug schedule.iters=2 model.fpn_channels=32 model.num_convs=1 data.digits.image_size=96
         data.digits.num_train=16 data.digits.num_val=4 data.num_workers=0 'eval.curve_fractions=[1.0]'
         eval.snapshots=false progress=false)
-    section tests 60 "$PY" -m pytest tests/assigners -q -p no:cacheprovider -k cuda
-    section assign 60 "$PY" -m benchmarks.assign --device cpu --tiny --reps 1 --warmup 0 --out-dir "$WORK/bench"
-    section train 60 "$PY" -m benchmarks.train --device cpu --tiny --reps 1 --warmup 0 --out-dir "$WORK/bench"
-    section grid 120 "$PY" -m experiments.train -m grid=demo device=cpu num_threads=1 "${TINY[@]}" "results_root=$RESULTS"
+    if [[ $GRID_ONLY == 0 ]]; then
+        section tests 60 "$PY" -m pytest tests/assigners -q -p no:cacheprovider -k cuda
+        section assign 60 "$PY" -m benchmarks.assign --device cpu --tiny --reps 1 --warmup 0 --out-dir "$WORK/bench"
+        section train 60 "$PY" -m benchmarks.train --device cpu --tiny --reps 1 --warmup 0 --out-dir "$WORK/bench"
+    fi
+    section grid 120 "$PY" -m experiments.train -m "grid=$GRID" device=cpu num_threads=1 "${TINY[@]}" \
+        "results_root=$RESULTS" "${GRID_ARGS[@]}"
 fi
 copy_csvs
+# the grid's report (tables and plots), written by the grid callback, comes back with the rest
+cp "$RESULTS/$GRID"/*.png "$RESULTS/$GRID"/table.* "$REPORT"/ 2>/dev/null || true
 section table 0 print_grid
 
 echo

@@ -29,3 +29,26 @@ def test_gpu_check_dry_run(tmp_path):
         assert (out / name).is_file(), name
     runs = (out / "demo_runs.txt").read_text().splitlines()
     assert sorted(line.split()[0] for line in runs) == ["atss_centerness-s0", "iou_none-s0", "paa_iou-s0"]
+
+
+@pytest.mark.slow
+def test_gpu_check_grid_only_with_parallel_jobs(tmp_path):
+    """--grid-only runs just env, grid and table; GPU_CHECK_JOBS=2 trains through the joblib launcher."""
+    out = tmp_path / "out"
+    env = {
+        **os.environ, "OUT": str(out), "GPU_CHECK_WORK": str(tmp_path / "work"), "GPU_CHECK_PYTHON": sys.executable,
+        "GPU_CHECK_GRID": "table1_separation", "GPU_CHECK_JOBS": "2",
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--grid-only"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in summary] == ["env", "grid", "table"]
+    assert "hydra/launcher=joblib" in (out / "gpu_check.log").read_text()
+    runs = (out / "table1_separation_runs.txt").read_text().splitlines()
+    assert sorted(line.split()[0] for line in runs) == [f"paa_{s}_iou-s0" for s in "abcd"]
+    assert all(" done " in line for line in runs), runs
+    for name in ("table1_separation_table.md", "table.md", "table.csv", "positives.png"):
+        assert (out / name).is_file(), name
