@@ -17,9 +17,10 @@
 # (made by --fetch-wheels; carry .whl to the machine), or from PyPI when there is no .whl/. The repo
 # itself is used in place (PYTHONPATH), so `python -m experiments.train` stands for assignbench-train.
 #
-# Output: the full log, a summary, the benchmarks' CSVs and the grid's table go to $OUT when it is set
-# (else to $WORK); runs, data and installed packages go to $WORK (default /tmp/assignbench-gpu-check), as the
-# device tool returns only a few files from $OUT.
+# Output: the full log, a summary, the benchmarks' CSVs, the grid's table and <grid>_results.tgz (its run
+# files and report, without checkpoints) go to $OUT when it is set (else to $WORK); runs, data and
+# installed packages go to $WORK (default /tmp/assignbench-gpu-check), as the device tool returns only
+# a few files from $OUT.
 # Variables: OUT, GPU_CHECK_DEVICE (cuda|cpu), GPU_CHECK_ITERS (default 250), GPU_CHECK_WORK,
 # GPU_CHECK_PYTHON (an interpreter to try first), GPU_CHECK_GRID (default demo), GPU_CHECK_VARIANTS (a
 # subset of the grid's variants, e.g. [paa_none,paa_iou]; default all), GPU_CHECK_JOBS (grid
@@ -38,7 +39,7 @@ for arg in "$@"; do
         --dry-run) MODE=dry ;;
         --fetch-wheels) MODE=fetch ;;
         --grid-only) GRID_ONLY=1 ;;
-        -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -208,8 +209,10 @@ else
         "results_root=$RESULTS" "${GRID_ARGS[@]}"
 fi
 copy_csvs
-# the grid's report (tables and plots), written by the grid callback, comes back with the rest
-cp "$RESULTS/$GRID"/*.png "$RESULTS/$GRID"/table.* "$REPORT"/ 2>/dev/null || true
+# The grid's runs (configs, metrics.json, stats.csv, assignment snapshots) and its report, in one file:
+# the device tool brings back only a few files from $OUT.
+[[ -d $RESULTS/$GRID ]] && tar -czf "$REPORT/${GRID}_results.tgz" -C "$RESULTS" --exclude checkpoints \
+    --exclude detections.json --exclude '*.lock' "$GRID"
 section table 0 print_grid
 
 echo

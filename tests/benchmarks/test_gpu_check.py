@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -50,5 +51,10 @@ def test_gpu_check_grid_only_with_parallel_jobs(tmp_path):
     runs = (out / "table1_separation_runs.txt").read_text().splitlines()
     assert sorted(line.split()[0] for line in runs) == [f"paa_{s}_iou-s0" for s in "abcd"]
     assert all(" done " in line for line in runs), runs
-    for name in ("table1_separation_table.md", "table.md", "table.csv", "positives.png"):
-        assert (out / name).is_file(), name
+    assert (out / "table1_separation_table.md").is_file()
+    with tarfile.open(out / "table1_separation_results.tgz") as archive:
+        names = set(archive.getnames())
+    for run in (f"paa_{s}_iou-s0" for s in "abcd"):
+        assert {f"table1_separation/{run}/metrics.json", f"table1_separation/{run}/stats.csv"} <= names
+    assert {"table1_separation/table.md", "table1_separation/positives.png"} <= names
+    assert not any("checkpoints" in name or name.endswith("detections.json") for name in names)
