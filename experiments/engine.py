@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -31,6 +32,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from .runfiles import StatsWriter, atomic_write_bytes, atomic_write_text, read_metrics, write_metrics
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -422,6 +425,7 @@ def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
     stats = StatsWriter(paths.stats, resume_iter=start_iter) if dist_info.is_main else None
     log_every = max(1, int(sched.log_every))
     window: dict[str, list[float]] = {}
+    window_seconds = 0.0
     batches = infinite_batches(loader, int(cfg.seed) * 100003 + start_iter)
 
     last_results: list[dict] = []
@@ -460,8 +464,14 @@ def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
     final_ap: dict[str, float] | None = None
     iou_err: float | None = None
     it = start_iter
+    # With a progress bar, console log lines are written above it (the log file is unaffected).
+    redirect = contextlib.nullcontext()
+    if progress is not None:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        redirect = logging_redirect_tqdm()
     try:
-        with _StopFlag() as stop:
+        with _StopFlag() as stop, redirect:
             model.train()
             while it < iters:
                 t0 = time.perf_counter()
@@ -498,21 +508,31 @@ def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
                     "gt_without_pos", "assign_ms")})
                 for k, v in row.items():
                     window.setdefault(k, []).append(v)
+                window_seconds += step_seconds
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{float(total):.3f}", ips=f"{total_batch / step_seconds:.1f}")
+                    progress.set_postfix(loss=f"{float(total.detach()):.3f}", ips=f"{total_batch / step_seconds:.1f}")
                 if it % log_every == 0 or it == iters:
                     if stats is not None:
-                        stats.write({"iter": it, **{k: float(np.mean(v)) for k, v in window.items()}})
+                        means = {k: float(np.mean(v)) for k, v in window.items()}
+                        stats.write({"iter": it, **means})
+                        # the bar shows progress when there is one; the log (train.log) gets a line anyway
+                        log.log(logging.DEBUG if progress is not None else logging.INFO,
+                                "iter %d/%d  loss %.4f (%s)  pos/GT %.2f  GT without pos %g  %.1f img/s",
+                                it, iters, sum(means[k] for k in losses), "  ".join(
+                                    f"{k.removeprefix('loss_')} {means[k]:.4f}" for k in losses),
+                                means["pos_per_gt_mean"], means["gt_without_pos"],
+                                len(window["num_gt"]) * total_batch / window_seconds)
                     window.clear()
+                    window_seconds = 0.0
 
                 if it in eval_iters or it % int(sched.checkpoint_every) == 0 or stop.signum is not None:
                     _check_finite_state(model, it)  # never score or checkpoint a diverged model
                 if it in eval_iters:
                     ap, iou_err = evaluate()
                     ap_curve.append([it, ap["AP"]])
-                    if progress is not None:
-                        progress.write(f"[{paths.run_dir.name}] iter {it}: {summarize_ap(ap)}")
+                    if dist_info.is_main:
+                        log.info("[%s] iter %d: %s", paths.run_dir.name, it, summarize_ap(ap))
                     if it == iters:
                         final_ap = ap
                     if cfg.eval.snapshots:

@@ -132,7 +132,18 @@ def test_the_hydra_app_runs_and_rejects_unknown_choices(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "experiments.train", *ov], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (tmp_path / "results" / "single" / "atss_centerness-s0" / "metrics.json").exists()
+    run_dir = tmp_path / "results" / "single" / "atss_centerness-s0"
+    assert (run_dir / "metrics.json").exists()
+    # without a progress bar the run logs each stats row and each evaluation, to the console and to
+    # Hydra's train.log in the run directory; the logged loss is the stats row's sum of loss terms
+    (row,) = read_stats(run_dir)
+    loss = sum(float(row[k]) for k in ("loss_cls", "loss_box", "loss_quality"))
+    log_lines = (run_dir / "train.log").read_text().splitlines()
+    (iter_line,) = [line for line in log_lines if "iter 1/1" in line]
+    assert f"loss {loss:.4f}" in iter_line and f"pos/GT {float(row['pos_per_gt_mean']):.2f}" in iter_line
+    ap = json.loads((run_dir / "metrics.json").read_text())["AP"]
+    assert any(f"[atss_centerness-s0] iter 1: AP {ap:.1f}" in line for line in log_lines), log_lines
+    assert iter_line.split(" - ", 1)[1] in proc.stdout + proc.stderr
     bad = subprocess.run([sys.executable, "-m", "experiments.train", "assigner=nope"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode != 0
