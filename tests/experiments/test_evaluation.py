@@ -1,5 +1,7 @@
 """COCO evaluation backends and the IoU-prediction error (paper Table 2, right)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -36,7 +38,27 @@ def test_perfect_detections_score_100_and_none_score_0():
             for a in gt["annotations"]]
     ap = coco_evaluate(coco, dets)
     assert ap["AP"] == pytest.approx(100.0) and ap["AP50"] == pytest.approx(100.0)
-    assert coco_evaluate(coco, []) == {k: 0.0 for k in AP_NAMES}
+    assert coco_evaluate(coco, []) == {**{k: 0.0 for k in AP_NAMES}, "APl": None}  # no GT above 96^2
+
+
+def test_no_detections_match_cocoeval_with_one_useless_detection():
+    """Oracle: COCOeval scoring one detection that overlaps no GT gives 0 where the area range has
+    a scored GT and -1 where it has none; an empty result list (which loadRes rejects) must agree."""
+    useless = [{"image_id": 1, "category_id": 1, "bbox": [198.0, 198.0, 1.0, 1.0], "score": 0.5}]
+    patterns = set()
+    for seed in range(8):
+        gt = _gt(num_images=3, seed=seed)
+        rng = np.random.default_rng(seed)
+        for a in gt["annotations"]:  # large boxes and crowds, at random
+            if rng.random() < 0.3:
+                a["bbox"][2:] = [120.0, 110.0]
+                a["area"] = 120.0 * 110.0
+            a["iscrowd"] = int(rng.random() < 0.4)
+        expected = coco_evaluate(_coco(copy.deepcopy(gt)), useless)  # (COCOeval writes into GT dicts)
+        assert set(expected.values()) <= {0.0, None}
+        assert coco_evaluate(_coco(gt), []) == expected, seed
+        patterns.add(tuple(expected[k] is None for k in ("APs", "APm", "APl")))
+    assert len(patterns) >= 3, patterns  # the seeds cover ranges with and without scored GT
 
 
 def test_faster_backend_gives_the_same_six_numbers():
