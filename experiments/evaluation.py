@@ -23,19 +23,18 @@ def coco_evaluate(coco_gt, results: list[dict[str, Any]], backend: str = "pycoco
     """Run bbox COCOeval of ``results`` (COCO results-format dicts) against ``coco_gt``.
 
     coco_gt: a pycocotools ``COCO`` holding the ground truth.
-    Returns the six AP numbers in percent (None for an area range without GT). With no
-    detections at all every AP is 0, except None where COCOeval would find no GT to score.
+    Returns the six AP numbers in percent (None for an area range without GT). An empty
+    ``results`` is scored by pycocotools' COCOeval whatever the backend: 0, or None where no GT
+    is scored.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown eval.backend '{backend}'; valid choices: {', '.join(BACKENDS)}")
-    if not results:  # loadRes cannot take an empty list
-        return _ap_without_detections(coco_gt)
-    if backend == "pycocotools":
+    if backend == "pycocotools" or not results:
         from pycocotools.cocoeval import COCOeval
 
         gt = coco_gt
         with contextlib.redirect_stdout(io.StringIO()):
-            dt = gt.loadRes(copy.deepcopy(results))
+            dt = gt.loadRes(copy.deepcopy(results)) if results else _no_detections(gt)
             ev = COCOeval(gt, dt, "bbox")
             ev.evaluate()
             ev.accumulate()
@@ -59,23 +58,15 @@ def coco_evaluate(coco_gt, results: list[dict[str, Any]], backend: str = "pycoco
     return {name: (float(stats[i]) * 100.0 if stats[i] >= 0 else None) for i, name in enumerate(AP_NAMES)}
 
 
-# COCOeval's area ranges (params.areaRng: all, small, medium, large), bounds inclusive
-_AREA_RANGES = {"AP": (0.0, 1e10), "APs": (0.0, 32.0**2), "APm": (32.0**2, 96.0**2), "APl": (96.0**2, 1e10)}
+def _no_detections(coco_gt):
+    """An empty COCO results object over ``coco_gt``'s images and categories (loadRes rejects [])."""
+    from pycocotools.coco import COCO
 
-
-def _ap_without_detections(coco_gt) -> dict[str, float | None]:
-    """The six APs of an empty result list: 0 for an area range holding a scored GT, else None.
-
-    COCOeval leaves precision at -1 (our None) exactly when no GT of the range is scored: a GT is
-    ignored when it is a crowd or its ``area`` lies outside the range (pycocotools overwrites any
-    ``ignore`` field with ``iscrowd``).
-    """
-    areas = [a["area"] for a in coco_gt.dataset.get("annotations", []) if not a.get("iscrowd", 0)]
-    out: dict[str, float | None] = {}
-    for name in AP_NAMES:
-        lo, hi = _AREA_RANGES.get(name, _AREA_RANGES["AP"])  # AP50 and AP75 use the full range
-        out[name] = 0.0 if any(lo <= area <= hi for area in areas) else None
-    return out
+    dt = COCO()
+    dt.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
+                  "annotations": []}
+    dt.createIndex()
+    return dt
 
 
 def iou_prediction_error(
