@@ -12,7 +12,6 @@ incomplete runs are kept, never dropped: the tables count and list them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import zipfile
@@ -23,19 +22,31 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from experiments.runfiles import STATS_FIELDS  # torch-free: the results contract's columns
+# The results contract, defined once (torch-free) where the engine writes it.
+from experiments.runfiles import (
+    AP_NAMES,
+    CONFIG_FILE,
+    DONE,
+    FAILED,
+    MATCHES_FILE,
+    METRICS_FILE,
+    SNAPSHOT_FILE,
+    STATS_FIELDS,
+    STATS_FILE,
+    canonical_assigner,
+    parse_run_name,
+    read_grid_file,
+    read_metrics,
+)
 
 log = logging.getLogger(__name__)
 
-DONE, FAILED, INCOMPLETE = "done", "failed", "incomplete"
-AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+INCOMPLETE = "incomplete"
+AP_METRICS = AP_NAMES
 # Per-run scalars taken from metrics.json into the runs frame, next to the AP metrics.
 RUN_SCALARS = ("iou_pred_error", "images_per_second", "iters", "train_seconds", "peak_memory_mb")
-# The stats.csv columns of the results contract, defined once where the engine writes them.
 STATS_COLUMNS = tuple(STATS_FIELDS)
-GRID_VARIANTS_FILE = "grid_variants.txt"
 
-_RUN_NAME = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
 _SNAPSHOT_KEY = re.compile(r"^gt_index_(?P<iter>\d+)$")
 
 
@@ -62,7 +73,21 @@ class Run:
 
     @property
     def snapshot_path(self) -> Path:
-        return self.path / "assignments.npz"
+        return self.path / SNAPSHOT_FILE
+
+    @property
+    def matches_path(self) -> Path:
+        return self.path / MATCHES_FILE
+
+    @property
+    def assigner(self) -> str | None:
+        """The assigner's registry name (older runs' ``iou`` reads as ``max_iou``)."""
+        return canonical_assigner(self.metrics.get("assigner"))
+
+    @property
+    def environment(self) -> dict[str, Any] | None:
+        env = self.metrics.get("environment")
+        return env if isinstance(env, dict) else None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -100,18 +125,6 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def _read_metrics(path: Path) -> dict[str, Any] | None:
-    """The run's metrics, or None when the file is absent or unreadable (treated as incomplete)."""
-    if not path.is_file():
-        return None
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # ValueError: JSON or UTF-8 decoding
-        log.warning("ignoring unreadable %s: %s", path, exc)
-        return None
-    return metrics if isinstance(metrics, dict) else None
-
-
 def _read_stats(path: Path) -> pd.DataFrame | None:
     """``stats.csv`` with every column numeric (unparsable cells NaN), or None when absent or empty."""
     if not path.is_file():
@@ -127,41 +140,34 @@ def _read_stats(path: Path) -> pd.DataFrame | None:
     return stats.dropna(subset=["iter"]).reset_index(drop=True)
 
 
-def _name(value: Any) -> str | None:
-    """A component name from a config node (``{name: ...}``) or a plain string."""
-    if isinstance(value, dict):
-        value = value.get("name")
-    return str(value) if value not in (None, "") else None
-
-
 def _variant(dir_name: str, config: dict[str, Any], metrics: dict[str, Any]) -> str:
-    """config.yaml's ``variant``; else ``<assigner>+<scorer>`` (metrics.json, then config); else the dir name minus ``-s<seed>``."""
-    if config.get("variant") not in (None, ""):
-        return str(config["variant"])
+    """The run's variant label: metrics.json's ``variant``, else config.yaml's (a run that has not
+    finished yet, or one written before metrics carried it), else the variant id of the run name."""
     for source in (metrics, config):
-        assigner, scorer = _name(source.get("assigner")), _name(source.get("scorer"))
-        if assigner and scorer:
-            return f"{assigner}+{scorer}"
-    match = _RUN_NAME.match(dir_name)
-    return match["variant"] if match else dir_name
+        if source.get("variant") not in (None, ""):
+            return str(source["variant"])
+    parsed = parse_run_name(dir_name)
+    return parsed[0] if parsed else dir_name
 
 
 def _seed(dir_name: str, config: dict[str, Any], metrics: dict[str, Any]) -> int | None:
-    """config.yaml's ``seed``; else metrics.json's; else the ``-s<seed>`` suffix of the dir name."""
-    for source in (config, metrics):
+    """metrics.json's ``seed``, else config.yaml's, else the ``-s<seed>`` of the run name (runfiles.run_name)."""
+    for source in (metrics, config):
         try:
             return int(source["seed"])
         except (KeyError, TypeError, ValueError):
             continue
-    match = _RUN_NAME.match(dir_name)
-    return int(match["seed"]) if match else None
+    parsed = parse_run_name(dir_name)
+    return parsed[1] if parsed else None
 
 
 def read_run(run_dir: Path) -> Run:
     """Read one run directory; absent or unreadable files never raise, they make the run incomplete."""
     run_dir = Path(run_dir)
-    config = _read_config(run_dir / "config.yaml")
-    metrics = _read_metrics(run_dir / "metrics.json")
+    config = _read_config(run_dir / CONFIG_FILE)
+    metrics = read_metrics(run_dir / METRICS_FILE)
+    if metrics is None and (run_dir / METRICS_FILE).is_file():
+        log.warning("ignoring unreadable %s", run_dir / METRICS_FILE)
     if metrics is None:
         status, error = INCOMPLETE, None
     elif metrics.get("status") in (DONE, FAILED):
@@ -177,7 +183,7 @@ def read_run(run_dir: Path) -> Run:
         status=status,
         error=None if error is None else str(error),
         metrics=metrics,
-        stats=_read_stats(run_dir / "stats.csv"),
+        stats=_read_stats(run_dir / STATS_FILE),
     )
 
 
@@ -198,20 +204,25 @@ def load_runs(grid_dir: Path) -> list[Run]:
 
 
 def variant_order(grid_dir: Path, variants: list[str] | set[str]) -> list[str]:
-    """The variants in the grid's order: as first listed in ``grid_variants.txt``, else sorted by name.
+    """The variants in the grid's order: as listed in ``grid.json``, else sorted by name.
 
     Variants that the file does not list follow, sorted by name; listed variants without a run
-    are left out. Blank lines and ``#`` comments in the file are skipped.
+    are left out.
     """
     present = set(variants)
     listed: list[str] = []
-    order_file = Path(grid_dir) / GRID_VARIANTS_FILE
-    if order_file.is_file():
-        for line in order_file.read_text(encoding="utf-8").splitlines():
-            name = line.split("#", 1)[0].strip()
-            if name in present and name not in listed:
-                listed.append(name)
+    for name in read_grid_file(grid_dir)["variants"]:
+        if name in present and name not in listed:
+            listed.append(name)
     return listed + sorted(present - set(listed))
+
+
+def grid_baseline(grid_dir: Path, order: list[str]) -> str | None:
+    """The grid's baseline variant (``grid.json``), else the first variant in ``order``; None without variants."""
+    baseline = read_grid_file(grid_dir)["baseline"]
+    if baseline in order:
+        return baseline
+    return order[0] if order else None
 
 
 # ----------------------------------------------------------------------------- frames

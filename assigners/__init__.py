@@ -3,52 +3,30 @@
     a = assigners.build("paa", scheme="c", topk=9)
     out = a(assigners.AssignInputs(...))
     out.gt_index  # (B, A): >= 0 GT index, -1 negative, -2 ignored
+
+Each assigner registers itself with ``@register_assigner(name, uses_predictions=...)`` next to
+its class; importing the modules below fills the registry behind ``build`` and ``available``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from .anchor_score import AnchorLoss, Candidates, anchor_loss, select_candidates
+from .anchor_score import AnchorLoss, CandidateAssigner, Candidates, anchor_loss, select_candidates
 from .atss import ATSSAssigner
 from .base import (
     IGNORED,
     NEGATIVE,
+    Assigner,
     AssignInputs,
     Assignment,
     assignment_stats,
-    batched_box_iou,
     gt_anchor_iou,
 )
 from .fixed import FixedNumPositivesAssigner, FixedScoreAssigner
+from .geometry import batched_box_iou, box_centers, centers_inside_boxes
 from .gmm import GMMFit, fit_gmm, fit_gmm_batched, fit_gmm_sklearn
 from .max_iou import MaxIoUAssigner, max_iou_match
 from .paa import PAA_SCHEMES, PAAAssigner, separate_candidates, split_by_scheme
-
-_REGISTRY: dict[str, Callable[..., Any]] = {
-    "iou": MaxIoUAssigner,
-    "atss": ATSSAssigner,
-    "paa": PAAAssigner,
-    "fnp": FixedNumPositivesAssigner,
-    "fsr": FixedScoreAssigner,
-}
-
-
-def register(name: str, factory: Callable[..., Any]) -> None:
-    _REGISTRY[name] = factory
-
-
-def available() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def build(name: str, **kwargs: Any):
-    """Build an assigner by name with its plain keyword parameters."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown assigner '{name}'; valid choices: {', '.join(available())}")
-    return _REGISTRY[name](**kwargs)
-
+from .registry import assigner_class, available, build, register_assigner
 
 __all__ = [
     "IGNORED",
@@ -57,7 +35,9 @@ __all__ = [
     "ATSSAssigner",
     "AnchorLoss",
     "AssignInputs",
+    "Assigner",
     "Assignment",
+    "CandidateAssigner",
     "Candidates",
     "FixedNumPositivesAssigner",
     "FixedScoreAssigner",
@@ -65,16 +45,19 @@ __all__ = [
     "MaxIoUAssigner",
     "PAAAssigner",
     "anchor_loss",
+    "assigner_class",
     "assignment_stats",
     "available",
     "batched_box_iou",
+    "box_centers",
     "build",
+    "centers_inside_boxes",
     "fit_gmm",
     "fit_gmm_batched",
     "fit_gmm_sklearn",
     "gt_anchor_iou",
     "max_iou_match",
-    "register",
+    "register_assigner",
     "select_candidates",
     "separate_candidates",
     "split_by_scheme",

@@ -14,6 +14,10 @@ Because the pre-match gives every anchor at most one GT, the (B, G, A) loss matr
 at most one finite entry per anchor; ``AnchorLoss`` stores it compactly as a per-anchor
 loss (B, A) plus the pre-matched GT index (B, A), and ``AnchorLoss.per_gt`` expands it.
 The same fact makes the candidate sets of different GTs disjoint (see ``select_candidates``).
+
+``CandidateAssigner`` is the base of the assigners built on this score (``paa``, ``fnp``, ``fsr``):
+it holds and validates ``topk`` and the anchor-loss parameters, and runs ``anchor_loss`` and
+``select_candidates``; each subclass only separates the candidates.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
-from .base import NEGATIVE, AssignInputs
+from .base import NEGATIVE, Assigner, AssignInputs, check_positive_int
 from .max_iou import match_anchors
 
 PREMATCH_IOU = 0.1
@@ -85,12 +89,6 @@ def check_anchor_loss_params(focal_alpha: float, focal_gamma: float, giou_weight
         raise ValueError(f"giou_weight must be >= 0, got {giou_weight}")
 
 
-def check_topk(topk: int, name: str = "topk") -> None:
-    """Raise ValueError unless ``topk`` is a positive int."""
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:
-        raise ValueError(f"{name} must be a positive int (1, 2, ...), got {topk!r}")
-
-
 def _softplus(x: Tensor) -> Tensor:
     """softplus(x) = log(1 + exp(x)) = -log(sigmoid(-x)), elementwise, accurate in float32.
 
@@ -132,11 +130,12 @@ def anchor_loss(
 ) -> AnchorLoss:
     """PAA anchor loss (Eq. 1-2) of every pre-matched anchor; see the module docstring.
 
-    Needs ``inputs.cls_logits`` (B, A, C) and ``inputs.pred_boxes`` (B, A, 4) xyxy pixels.
-    The focal and GIoU terms are computed only for the M pre-matched anchors, each against
-    its own GT ((M, C) focal terms, never (B, G, A, C)). Returns an ``AnchorLoss``.
+    Needs ``inputs.cls_logits`` (B, A, C) and ``inputs.pred_boxes`` (B, A, 4) xyxy pixels, not
+    None (the ``Assigner`` base checks that for the assigners), and valid loss parameters
+    (``check_anchor_loss_params``, run by ``CandidateAssigner``). The focal and GIoU terms are
+    computed only for the M pre-matched anchors, each against its own GT ((M, C) focal terms,
+    never (B, G, A, C)). Returns an ``AnchorLoss``.
     """
-    inputs.require_predictions("anchor_loss")
     logits = inputs.cls_logits.detach()
     dtype = torch.promote_types(logits.dtype, torch.float32)
     b, a = logits.shape[:2]
@@ -211,10 +210,10 @@ def select_candidates(anchor_loss: AnchorLoss, num_anchors_per_level: list[int],
     """PAA candidate selection (Sec. 3.1; official ``compute_paa``).
 
     For each GT and each pyramid level, the ``topk`` anchors pre-matched to that GT with
-    the lowest finite loss (fewer when there are fewer). Shared by PAA and FNP/FSR. Works
-    on the list of pre-matched anchors; the only (B, A) tensors it makes are its outputs.
+    the lowest finite loss (fewer when there are fewer); ``topk`` a positive int (checked by
+    the assigners' constructors, not here). Shared by PAA and FNP/FSR. Works on the list of
+    pre-matched anchors; the only (B, A) tensors it makes are its outputs.
     """
-    check_topk(topk)
     b, a = anchor_loss.loss.shape
     device = anchor_loss.loss.device
     valid = (anchor_loss.prematch >= 0) & torch.isfinite(anchor_loss.loss)
@@ -232,13 +231,37 @@ def select_candidates(anchor_loss: AnchorLoss, num_anchors_per_level: list[int],
     return Candidates(mask=candidate_gt >= 0, gt=candidate_gt, num_candidates=num_candidates.view(b, num_gt_slots))
 
 
+class CandidateAssigner(Assigner):
+    """Base of the assigners that separate PAA's candidates (``paa``, ``fnp``, ``fsr``).
+
+    topk: candidates per GT per pyramid level (paper: 9).
+    focal_alpha, focal_gamma, giou_weight: anchor-loss parameters (Eq. 1-2).
+    Validates them once; ``score_candidates`` gives the anchor loss and the candidates.
+    """
+
+    def __init__(self, topk: int, focal_alpha: float, focal_gamma: float, giou_weight: float):
+        check_positive_int(topk, "topk")
+        check_anchor_loss_params(focal_alpha, focal_gamma, giou_weight)
+        self.topk = topk
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.giou_weight = giou_weight
+
+    def score_candidates(self, inputs: AssignInputs) -> tuple[AnchorLoss, Candidates]:
+        """``anchor_loss`` of ``inputs`` (with predictions) and its per-GT ``select_candidates``."""
+        losses = anchor_loss(
+            inputs, focal_alpha=self.focal_alpha, focal_gamma=self.focal_gamma, giou_weight=self.giou_weight
+        )
+        return losses, select_candidates(losses, inputs.num_anchors_per_level, self.topk, inputs.num_gt_slots)
+
+
 __all__ = [
     "PREMATCH_IOU",
     "AnchorLoss",
+    "CandidateAssigner",
     "Candidates",
     "anchor_loss",
     "check_anchor_loss_params",
-    "check_topk",
     "focal_loss_sum",
     "rank_in_groups",
     "rank_within_group",

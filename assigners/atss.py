@@ -5,7 +5,7 @@ As sfzhang15/ATSS with one anchor per location, batched over images and GT slots
    GT centre are candidates (all of the level when it has fewer);
 2. the GT's IoU threshold is mean + std (unbiased) of its candidates' IoUs;
 3. a candidate is positive when its IoU >= threshold and its centre lies inside the GT
-   (min of the distances to the four sides > 0.01);
+   (min of the distances to the four sides > 0.01, ``centers_inside_boxes``);
 4. an anchor positive for several GTs goes to the one with the highest IoU (ties: the
    lower GT index, ``torch.max`` semantics); all other anchors are negative.
 
@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .anchor_score import check_topk
-from .base import NEGATIVE, AssignInputs, Assignment, batched_box_iou
+from .base import NEGATIVE, Assigner, AssignInputs, Assignment, check_positive_int
+from .geometry import batched_box_iou, box_centers, centers_inside_boxes
+from .registry import register_assigner
 
 INSIDE_MARGIN = 0.01
 
@@ -43,17 +44,15 @@ def smallest_k_indices(values: Tensor, k: int) -> Tensor:
     return index.sort(dim=-1).values
 
 
-class ATSSAssigner:
+@register_assigner("atss", uses_predictions=False)
+class ATSSAssigner(Assigner):
     """ATSS; see the module docstring. topk: candidates per GT per level (paper: 9)."""
 
-    name = "atss"
-
     def __init__(self, topk: int = 9):
-        check_topk(topk)
+        check_positive_int(topk, "topk")
         self.topk = topk
 
-    @torch.no_grad()
-    def __call__(self, inputs: AssignInputs) -> Assignment:
+    def assign(self, inputs: AssignInputs) -> Assignment:
         b, g = inputs.batch_size, inputs.num_gt_slots
         a = inputs.anchors.shape[0]
         device = inputs.anchors.device
@@ -61,10 +60,10 @@ class ATSSAssigner:
             return Assignment(gt_index=torch.full((b, a), NEGATIVE, dtype=torch.int64, device=device))
         boxes = inputs.gt_boxes
         anchors = inputs.anchors.to(boxes.dtype)
-        anchor_cx = (anchors[:, 0] + anchors[:, 2]) / 2  # (A,)
-        anchor_cy = (anchors[:, 1] + anchors[:, 3]) / 2
-        gt_cx = ((boxes[..., 0] + boxes[..., 2]) / 2).unsqueeze(-1)  # (B, G, 1)
-        gt_cy = ((boxes[..., 1] + boxes[..., 3]) / 2).unsqueeze(-1)
+        anchor_centers = box_centers(anchors)  # (A, 2)
+        anchor_cx, anchor_cy = anchor_centers[:, 0], anchor_centers[:, 1]  # (A,) each
+        gt_centers = box_centers(boxes).unsqueeze(-2)  # (B, G, 1, 2)
+        gt_cx, gt_cy = gt_centers[..., 0], gt_centers[..., 1]  # (B, G, 1) each
 
         # Step 1: per level, the topk anchors whose centres are nearest the GT centre.
         # Only this step touches all (GT, anchor) pairs; the rest works on (B, G, K).
@@ -88,10 +87,7 @@ class ATSSAssigner:
         threshold = iou.mean(dim=-1, keepdim=True) + std
 
         # Step 3: positive candidates have IoU >= threshold and their centre inside the GT.
-        cx, cy = anchor_cx[candidate], anchor_cy[candidate]  # (B, G, K)
-        left, top = cx - boxes[..., 0:1], cy - boxes[..., 1:2]
-        right, bottom = boxes[..., 2:3] - cx, boxes[..., 3:4] - cy
-        inside = torch.stack([left, top, right, bottom], dim=-1).amin(dim=-1) > INSIDE_MARGIN
+        inside = centers_inside_boxes(anchor_centers[candidate], boxes.unsqueeze(-2), INSIDE_MARGIN)  # (B, G, K)
         positive = (iou >= threshold) & inside & inputs.gt_mask.unsqueeze(-1)
 
         # Step 4: an anchor positive for several GTs takes the one of highest IoU, then

@@ -1,17 +1,20 @@
-"""The assigner contract: inputs, outputs, per-GT statistics and shared IoU helpers.
+"""The assigner contract: inputs, outputs, the ``Assigner`` base class and per-GT statistics.
 
-Every assigner is a callable ``assigner(AssignInputs) -> Assignment``. It is a pure
-function of tensors: it never mutates its inputs, is batched over images (padded GT
-rows are masked out), and works on whatever device the anchors live on.
+Every assigner is an ``Assigner``: a callable ``assigner(AssignInputs) -> Assignment``. It is a
+pure function of tensors: it never mutates its inputs, is batched over images (padded GT rows
+are masked out), and works on whatever device the anchors live on. Its parameters are
+validated once, in its constructor; the functions it calls assume valid parameters.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
+
+from .geometry import batched_box_iou
 
 NEGATIVE = -1
 IGNORED = -2
@@ -28,6 +31,8 @@ class AssignInputs:
     gt_mask: (B, G) bool, True for a real GT.
     cls_logits: (B, A, C) detached class logits, or None for static assigners.
     pred_boxes: (B, A, 4) detached decoded xyxy boxes, or None.
+    strides: list[int] stride in pixels of each level (one entry per level), or None; for
+        assigners with centre priors.
     """
 
     anchors: Tensor
@@ -37,6 +42,7 @@ class AssignInputs:
     gt_mask: Tensor
     cls_logits: Tensor | None = None
     pred_boxes: Tensor | None = None
+    strides: list[int] | None = None
 
     def __post_init__(self) -> None:
         a = self.anchors.shape[0]
@@ -61,6 +67,14 @@ class AssignInputs:
             raise ValueError(f"cls_logits must be (B, A, C) = ({b}, {a}, C), got {tuple(self.cls_logits.shape)}")
         if self.pred_boxes is not None and tuple(self.pred_boxes.shape) != (b, a, 4):
             raise ValueError(f"pred_boxes must be (B, A, 4) = {(b, a, 4)}, got {tuple(self.pred_boxes.shape)}")
+        if self.strides is not None and (
+            len(self.strides) != len(self.num_anchors_per_level)
+            or not all(stride > 0 for stride in self.strides)
+        ):
+            raise ValueError(
+                f"strides must hold one positive stride per level ({len(self.num_anchors_per_level)} levels), "
+                f"got {self.strides!r}"
+            )
 
     @property
     def batch_size(self) -> int:
@@ -88,10 +102,13 @@ class Assignment:
         -1 (NEGATIVE) background, -2 (IGNORED) excluded from the classification loss.
     num_candidates: (B, G) int64 or None; for candidate-based assigners, how many candidates
         each GT had (0 for padded rows). Used for statistics only.
+    soft_target: (B, A) float in [0, 1] or None; the classification target of each positive
+        anchor (read where ``gt_index >= 0``); None means a hard target of 1.0.
     """
 
     gt_index: Tensor
     num_candidates: Tensor | None = None
+    soft_target: Tensor | None = None
 
     @property
     def positive_mask(self) -> Tensor:
@@ -111,25 +128,33 @@ class Assignment:
         return counts[:, :num_gt_slots]
 
 
-def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU of (B, N, 4) with (B, M, 4) xyxy boxes -> (B, N, M); plain ``box_iou`` semantics.
+class Assigner:
+    """Base class of every assigner: ``assigner(inputs) -> Assignment``.
 
-    ``torchvision.ops.box_iou`` is 2-D only; this is the same formula (no +1 pixel
-    convention) broadcast over a batch, and is tested against it.
+    Subclasses implement ``assign`` and are registered with ``register_assigner``, which sets
+    ``name`` (the registry key) and ``uses_predictions``. ``__call__`` checks, once, that a
+    prediction-aware assigner got ``cls_logits`` and ``pred_boxes``, and runs ``assign`` under
+    ``torch.no_grad()``; static assigners ignore predictions.
     """
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    # One (B, N, M) tensor per coordinate, updated in place, from contiguous coordinate
-    # vectors, rather than (B, N, M, 2) corner tensors: the same arithmetic (bitwise-equal
-    # results), several times faster on CPU. The in-place steps make it unfit for
-    # autograd; it serves the (no-grad) assigners.
-    x1a, y1a, x2a, y2a = (c.unsqueeze(-1) for c in boxes1.unbind(-1))  # (B, N, 1)
-    x1b, y1b, x2b, y2b = (c.contiguous().unsqueeze(-2) for c in boxes2.unbind(-1))  # (B, 1, M)
-    width = torch.minimum(x2a, x2b).sub_(torch.maximum(x1a, x1b)).clamp_(min=0)
-    height = torch.minimum(y2a, y2b).sub_(torch.maximum(y1a, y1b)).clamp_(min=0)
-    inter = width.mul_(height)
-    union = (area1[..., :, None] + area2[..., None, :]).sub_(inter)
-    return inter.div_(union) if inter.is_floating_point() else inter / union
+
+    name: ClassVar[str]
+    uses_predictions: ClassVar[bool]
+
+    def __call__(self, inputs: AssignInputs) -> Assignment:
+        if self.uses_predictions:
+            inputs.require_predictions(self.name)
+        with torch.no_grad():
+            return self.assign(inputs)
+
+    def assign(self, inputs: AssignInputs) -> Assignment:
+        """The assignment of ``inputs``; predictions are present when ``uses_predictions``."""
+        raise NotImplementedError
+
+
+def check_positive_int(value: int, name: str) -> None:
+    """Raise ValueError unless ``value`` is a positive int (a bool is not); ``name`` names it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int (1, 2, ...), got {value!r}")
 
 
 def gt_anchor_iou(inputs: AssignInputs) -> Tensor:
@@ -171,12 +196,12 @@ def assignment_stats(inputs: AssignInputs, assignment: Assignment) -> dict[str, 
 
 
 __all__ = [
-    "AssignInputs",
-    "Assignment",
     "IGNORED",
     "NEGATIVE",
+    "AssignInputs",
+    "Assigner",
+    "Assignment",
     "assignment_stats",
-    "batched_box_iou",
-    "box_iou",
+    "check_positive_int",
     "gt_anchor_iou",
 ]

@@ -295,13 +295,16 @@ def fit_gmm_sklearn(
     )
 
 
+_FITTERS = {"torch": fit_gmm_batched, "sklearn": fit_gmm_sklearn}  # keyed by GMM_BACKENDS
+
+
 def fit_gmm(x: Tensor, mask: Tensor, *, backend: str = "torch", **em_params: float) -> GMMFit:
-    """Dispatch to ``fit_gmm_batched`` ("torch") or ``fit_gmm_sklearn`` ("sklearn")."""
-    if backend == "torch":
-        return fit_gmm_batched(x, mask, **em_params)
-    if backend == "sklearn":
-        return fit_gmm_sklearn(x, mask, **em_params)
-    raise ValueError(f"unknown gmm_backend '{backend}'; valid choices: {', '.join(GMM_BACKENDS)}")
+    """Dispatch to ``fit_gmm_batched`` ("torch") or ``fit_gmm_sklearn`` ("sklearn").
+
+    ``backend`` is one of ``GMM_BACKENDS`` (``PAAAssigner`` checks it; not checked here).
+    x: (N, K), mask: (N, K) bool, as the backends take them. Returns a ``GMMFit``.
+    """
+    return _FITTERS[backend](x, mask, **em_params)
 
 
 __all__ = [

@@ -1,10 +1,11 @@
-"""RetinaNet MaxIoU assignment (``iou``) and the IoU pre-match shared by PAA/FNP/FSR.
+"""RetinaNet MaxIoU assignment (``max_iou``) and the IoU pre-match shared by PAA/FNP/FSR.
 
 Semantics equal ``torchvision.models.detection._utils.Matcher(high, low,
 allow_low_quality_matches)`` applied per image, batched here over padded GT rows.
 ``max_iou_match`` takes the dense (B, G, A) IoU matrix; ``match_anchors`` gives the same
 result from the boxes while computing the IoU only of the (GT, anchor) pairs that can
-change it (see its docstring), which is most of the cost of ``iou`` and of PAA's pre-match.
+change it (see its docstring), which is most of the cost of ``max_iou`` and of PAA's pre-match.
+Both assume ``low <= high`` (``MaxIoUAssigner`` checks its thresholds; the pre-match uses 0.1, 0.1).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import IGNORED, NEGATIVE, AssignInputs, Assignment, batched_box_iou, gt_anchor_iou
+from .base import IGNORED, NEGATIVE, Assigner, AssignInputs, Assignment, gt_anchor_iou
+from .geometry import batched_box_iou
+from .registry import register_assigner
 
 CHUNK_SIZE = 32
 # Below this many (image, GT slot, anchor) pairs, or on CUDA, the dense matrix is cheaper than
@@ -26,10 +29,9 @@ def max_iou_match(iou: Tensor, gt_mask: Tensor, high: float, low: float, allow_l
     iou: (B, G, A) IoU of GT slots with anchors; padded rows must hold a value below ``low``
         (``gt_anchor_iou`` puts -1 there).
     gt_mask: (B, G) bool.
+    high, low: IoU thresholds, ``low <= high`` (not checked here).
     Returns (B, A) int64: GT index, NEGATIVE (IoU < low) or IGNORED (low <= IoU < high).
     """
-    if low > high:
-        raise ValueError(f"low threshold {low} must not exceed high threshold {high}")
     b, g, a = iou.shape
     if g == 0:
         return torch.full((b, a), NEGATIVE, dtype=torch.int64, device=iou.device)
@@ -110,10 +112,8 @@ def match_anchors(
     matcher does. Exactness rests on the bound holding for the rounded values too; batches it
     does not cover (a non-finite or empty box, ``low <= 0``) take the dense path, and so do small
     batches (fewer than ``min_pairs`` pairs) and CUDA tensors, where the dense path is faster.
-    Returns (B, A) int64 as ``max_iou_match``.
+    Assumes ``low <= high`` (not checked here). Returns (B, A) int64 as ``max_iou_match``.
     """
-    if low > high:
-        raise ValueError(f"low threshold {low} must not exceed high threshold {high}")
     b, g = inputs.batch_size, inputs.num_gt_slots
     dtype = inputs.gt_boxes.dtype
     anchors = inputs.anchors.to(dtype)
@@ -178,20 +178,20 @@ def match_anchors(
     return matches.view(b, a)
 
 
-class MaxIoUAssigner:
+@register_assigner("max_iou", uses_predictions=False)
+class MaxIoUAssigner(Assigner):
     """RetinaNet assignment: positive at IoU >= ``pos_iou``, negative below ``neg_iou``,
     ignored between, and each GT's best anchors positive (``allow_low_quality``)."""
 
-    name = "iou"
-
     def __init__(self, pos_iou: float = 0.5, neg_iou: float = 0.4, allow_low_quality: bool = True):
         if not (0.0 <= neg_iou <= pos_iou <= 1.0):
-            raise ValueError(f"iou assigner needs 0 <= neg_iou <= pos_iou <= 1, got neg_iou={neg_iou}, pos_iou={pos_iou}")
+            raise ValueError(
+                f"{self.name} assigner needs 0 <= neg_iou <= pos_iou <= 1, got neg_iou={neg_iou}, pos_iou={pos_iou}"
+            )
         self.pos_iou = pos_iou
         self.neg_iou = neg_iou
         self.allow_low_quality = allow_low_quality
 
-    @torch.no_grad()
-    def __call__(self, inputs: AssignInputs) -> Assignment:
+    def assign(self, inputs: AssignInputs) -> Assignment:
         gt_index = match_anchors(inputs, self.pos_iou, self.neg_iou, self.allow_low_quality)
         return Assignment(gt_index=gt_index)

@@ -36,17 +36,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .anchor_score import (
-    AnchorLoss,
-    Candidates,
-    anchor_loss,
-    check_anchor_loss_params,
-    check_topk,
-    rank_in_groups,
-    select_candidates,
-)
+from .anchor_score import AnchorLoss, CandidateAssigner, Candidates, rank_in_groups
 from .base import IGNORED, NEGATIVE, AssignInputs, Assignment
 from .gmm import GMM_BACKENDS, fit_gmm
+from .registry import register_assigner
 
 PAA_SCHEMES = ("a", "b", "c", "d")
 
@@ -98,11 +91,10 @@ def split_by_scheme(labels: Tensor, log_density: Tensor, mask: Tensor, scheme: s
     labels: (N, K) int64 predicted mixture component (0 foreground, 1 background);
     log_density: (N, K) float mixture log-density of each candidate (sklearn
     ``score_samples``); mask: (N, K) bool valid candidates, each row sorted by ascending
-    loss. Returns (positive, ignored), both (N, K) bool; other valid candidates are
-    negative. Rows without any foreground candidate are all positive.
+    loss; scheme: one of ``PAA_SCHEMES`` (checked by ``PAAAssigner``, not here). Returns
+    (positive, ignored), both (N, K) bool; other valid candidates are negative. Rows without
+    any foreground candidate are all positive.
     """
-    if scheme not in PAA_SCHEMES:
-        raise ValueError(f"unknown PAA scheme '{scheme}'; valid choices: {', '.join(PAA_SCHEMES)}")
     n, k = mask.shape
     if n == 0 or k == 0:
         return torch.zeros_like(mask), torch.zeros_like(mask)
@@ -136,12 +128,9 @@ def separate_candidates(
     sorted_loss: (N, K) float candidate losses, each row ascending over its valid prefix;
     mask: (N, K) bool valid candidates. Rows with >= 2 candidates get a two-component GMM
     (``gmm_backend`` "torch" batched, or "sklearn" per row) and ``split_by_scheme``;
-    a row with a single candidate makes it positive. Returns (positive, ignored), (N, K) bool.
+    a row with a single candidate makes it positive. ``scheme`` and ``gmm_backend`` are
+    assumed valid (``PAAAssigner`` checks them). Returns (positive, ignored), (N, K) bool.
     """
-    if scheme not in PAA_SCHEMES:
-        raise ValueError(f"unknown PAA scheme '{scheme}'; valid choices: {', '.join(PAA_SCHEMES)}")
-    if gmm_backend not in GMM_BACKENDS:
-        raise ValueError(f"unknown gmm_backend '{gmm_backend}'; valid choices: {', '.join(GMM_BACKENDS)}")
     num_candidates = mask.sum(dim=1)
     positive = mask & (num_candidates == 1).unsqueeze(1)
     ignored = torch.zeros_like(mask)
@@ -155,7 +144,8 @@ def separate_candidates(
     return positive, ignored
 
 
-class PAAAssigner:
+@register_assigner("paa", uses_predictions=True)
+class PAAAssigner(CandidateAssigner):
     """Probabilistic Anchor Assignment; see the module docstring.
 
     scheme: separation scheme of Fig. 3, one of "a", "b", "c" (default), "d".
@@ -163,8 +153,6 @@ class PAAAssigner:
     gmm_backend: "torch" (batched EM over all GTs) or "sklearn" (official per-GT loop).
     focal_alpha, focal_gamma, giou_weight: anchor-loss parameters (Eq. 1-2).
     """
-
-    name = "paa"
 
     def __init__(
         self,
@@ -179,23 +167,13 @@ class PAAAssigner:
             raise ValueError(f"unknown PAA scheme '{scheme}'; valid choices: {', '.join(PAA_SCHEMES)}")
         if gmm_backend not in GMM_BACKENDS:
             raise ValueError(f"unknown gmm_backend '{gmm_backend}'; valid choices: {', '.join(GMM_BACKENDS)}")
-        check_topk(topk)
-        check_anchor_loss_params(focal_alpha, focal_gamma, giou_weight)
+        super().__init__(topk, focal_alpha, focal_gamma, giou_weight)
         self.scheme = scheme
-        self.topk = topk
         self.gmm_backend = gmm_backend
-        self.focal_alpha = focal_alpha
-        self.focal_gamma = focal_gamma
-        self.giou_weight = giou_weight
 
-    @torch.no_grad()
-    def __call__(self, inputs: AssignInputs) -> Assignment:
-        inputs.require_predictions(self.name)
+    def assign(self, inputs: AssignInputs) -> Assignment:
         b, g = inputs.batch_size, inputs.num_gt_slots
-        losses = anchor_loss(
-            inputs, focal_alpha=self.focal_alpha, focal_gamma=self.focal_gamma, giou_weight=self.giou_weight
-        )
-        candidates = select_candidates(losses, inputs.num_anchors_per_level, self.topk, g)
+        losses, candidates = self.score_candidates(inputs)
         max_per_gt = sum(min(self.topk, count) for count in inputs.num_anchors_per_level)
         rows = sort_candidates(losses, candidates, max_per_gt)
         positive, ignored = separate_candidates(rows.loss, rows.mask, scheme=self.scheme, gmm_backend=self.gmm_backend)

@@ -5,5 +5,5 @@
     python -m benchmarks.eval     # COCOeval time: pycocotools vs faster-coco-eval
 
 Each takes ``--device cpu|cuda``, ``--reps N`` and ``--threads N``, prints one line per figure
-plus the ratios, and writes a CSV under ``results/bench/`` (``benchmarks.common``).
+plus the ratios, and writes a CSV under ``results/runs/bench/`` (``benchmarks.common``).
 """

@@ -12,7 +12,7 @@ box is the GT jittered in proportion to how poorly the anchor overlaps it and it
 raised; elsewhere the box is the anchor jittered at random, and every logit is the focal prior
 (p = 0.01) plus noise.
 
-Timed: ``iou``, ``atss``, ``fnp``, ``fsr`` and ``paa`` with their defaults (PAA scheme c), PAA three
+Timed: ``max_iou``, ``atss``, ``fnp``, ``fsr`` and ``paa`` with their defaults (PAA scheme c), PAA three
 ways: ``paa-torch`` (the batched GMM), ``paa-sklearn`` (the assigner's ``gmm_backend="sklearn"``: one
 sklearn GaussianMixture per GT, everything else batched as in ``paa-torch``) and ``paa-official``
 (``official_paa``: the official code's per-image, per-GT loops, with its per-level top-k, its
@@ -44,7 +44,7 @@ from detector import make_anchors
 from detector.losses import pad_targets
 
 CASES = {
-    "iou": dict(name="iou"),
+    "max_iou": dict(name="max_iou"),
     "atss": dict(name="atss"),
     "fnp": dict(name="fnp"),
     "fsr": dict(name="fsr"),

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-DEFAULT_OUT_DIR = Path("results/bench")
+DEFAULT_OUT_DIR = Path("results/runs/bench")
 CSV_COLUMNS = ["benchmark", "device", "threads", "section", "name", "value", "unit", "target", "met"]
 
 

@@ -4,7 +4,7 @@ Typical use::
 
     model = Detector(num_classes=80, backbone="resnet50", weights="ResNet50_Weights.IMAGENET1K_V1")
     out = model(images)  # DetectorOutput
-    losses, info = DetectionLoss(assigner, build_scorer("iou"), 80)(out, targets)
+    losses, info = DetectionLoss(assigner, build_scorer("iou"), 80)(out, targets)  # weights: the scorer's
     detections = postprocess(out, image_sizes, build_scorer("iou"), score_voting=True)
 """
 
@@ -13,12 +13,33 @@ from .backbone import ResNetBackbone, group_norm, num_groups_for
 from .box_coder import BoxCoder
 from .fpn import FPN
 from .head import DenseHead, Scale, flatten_levels
-from .losses import DetectionLoss, crowd_overlap, loss_normalizers, pad_boxes, pad_targets
+from .losses import (
+    AssignTimer,
+    DetectionLoss,
+    build_assign_inputs,
+    crowd_overlap,
+    loss_normalizers,
+    pad_boxes,
+    pad_targets,
+    timed_assign,
+)
 from .model import Detector, DetectorOutput
 from .postprocess import postprocess, score_vote
-from .scorers import SCORERS, CenternessScorer, IoUScorer, NoScorer, build_scorer, centerness, elementwise_box_iou
+from .scorers import (
+    SCORERS,
+    CenternessScorer,
+    IoUScorer,
+    NoScorer,
+    Scorer,
+    available_scorers,
+    build_scorer,
+    centerness,
+    elementwise_box_iou,
+    register_scorer,
+)
 
 __all__ = [
+    "AssignTimer",
     "FPN",
     "SCORERS",
     "BoxCoder",
@@ -30,7 +51,10 @@ __all__ = [
     "IoUScorer",
     "NoScorer",
     "ResNetBackbone",
+    "Scorer",
     "Scale",
+    "available_scorers",
+    "build_assign_inputs",
     "build_scorer",
     "centerness",
     "crowd_overlap",
@@ -43,5 +67,7 @@ __all__ = [
     "pad_boxes",
     "pad_targets",
     "postprocess",
+    "register_scorer",
     "score_vote",
+    "timed_assign",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,10 +24,11 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from assigners import IGNORED, NEGATIVE, AssignInputs, Assignment, assignment_stats
+from assigners import IGNORED, NEGATIVE, AssignInputs, Assignment
 
 from .box_coder import BoxCoder
 from .model import DetectorOutput
+from .scorers import Scorer
 
 QUALITY_SUM_EPS = 1e-6
 
@@ -117,14 +119,69 @@ def crowd_overlap(anchors: Tensor, crowd_boxes: Tensor, crowd_mask: Tensor) -> T
     return iof.amax(dim=-1)
 
 
+def build_assign_inputs(out: DetectorOutput, pred_boxes: Tensor, targets: list[dict[str, Tensor]]) -> AssignInputs:
+    """The assigner's view of one batch: the detector's anchors, strides and detached predictions, padded GT.
+
+    out: the detector's (float32) output; pred_boxes: (B, A, 4) decoded xyxy boxes of ``out``;
+    targets: per image ``boxes`` (G_i, 4) xyxy and ``labels`` (G_i,). The one place that builds ``AssignInputs`` from a forward pass (the loss and the snapshot use it).
+    """
+    gt_boxes, gt_labels, gt_mask = pad_targets(targets, out.cls_logits.device)
+    return AssignInputs(
+        anchors=out.anchors,
+        num_anchors_per_level=list(out.num_anchors_per_level),
+        gt_boxes=gt_boxes,
+        gt_labels=gt_labels,
+        gt_mask=gt_mask,
+        cls_logits=out.cls_logits.detach(),
+        pred_boxes=pred_boxes.detach(),
+        strides=list(out.strides),
+    )
+
+
+@dataclass
+class AssignTimer:
+    """Wall time of one assigner call, read only when asked (on logged iterations).
+
+    On CPU the time is taken with ``perf_counter`` around the call. On CUDA two events are recorded
+    on the stream instead, so the step never waits for the GPU; ``ms`` waits for the end event.
+    """
+
+    cpu_ms: float | None = None
+    start: torch.cuda.Event | None = None
+    end: torch.cuda.Event | None = None
+
+    @property
+    def ms(self) -> float:
+        if self.cpu_ms is not None:
+            return self.cpu_ms
+        self.end.synchronize()
+        return float(self.start.elapsed_time(self.end))
+
+    def __float__(self) -> float:
+        return self.ms
+
+
+def timed_assign(assigner: Callable[[AssignInputs], Assignment], inputs: AssignInputs) -> tuple[Assignment, AssignTimer]:
+    """``assigner(inputs)`` and its ``AssignTimer``; no host-device synchronisation."""
+    if inputs.anchors.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        assignment = assigner(inputs)
+        end.record()
+        return assignment, AssignTimer(start=start, end=end)
+    start_time = time.perf_counter()
+    assignment = assigner(inputs)
+    return assignment, AssignTimer(cpu_ms=(time.perf_counter() - start_time) * 1000.0)
+
+
 class DetectionLoss:
     """Assign anchors, then compute the focal, GIoU and quality losses of one batch.
 
     Args:
         assigner: any callable ``AssignInputs -> Assignment``.
-        scorer: from ``scorers.build_scorer``; must match whether the model has a quality branch.
+        scorer: a ``Scorer``; must match whether the model has a quality branch. Its
+            ``cls_weight``, ``box_weight`` and ``quality_weight`` multiply the three losses.
         num_classes: C.
-        cls_weight, box_weight, quality_weight: loss multipliers (PAA: 1.0, 1.3, 0.5).
         focal_alpha, focal_gamma: focal loss parameters.
         crowd_ignore_iof: negatives covering at least this fraction of their area with a crowd
             box are ignored in the classification loss (detectron2 / mmdetection practice).
@@ -132,19 +189,21 @@ class DetectionLoss:
 
     ``loss(out, targets) -> (losses, info)``: targets are dicts with ``boxes`` (G_i, 4) xyxy,
     ``labels`` (G_i,) int64 and optionally ``crowd_boxes`` (K_i, 4). ``losses`` holds the scalar
-    tensors ``loss_cls``, ``loss_box``, ``loss_quality``; ``info`` holds ``assign_ms``, the
-    ``assignment_stats`` entries and ``assignment`` (the assigner's ``Assignment``).
+    tensors ``loss_cls``, ``loss_box``, ``loss_quality``; ``info`` holds ``assign_ms`` (an
+    ``AssignTimer``), ``inputs`` (the ``AssignInputs``) and ``assignment`` (the ``Assignment``).
+    Nothing here waits for the device: ``assignment_stats(info["inputs"], info["assignment"])``
+    gives the positive-sample statistics when they are to be logged.
+
+    Classification targets are 1 on each positive's GT class, or ``Assignment.soft_target`` where
+    the assigner gives one (TAL, SimOTA, DSL); the box and quality losses are unchanged by it.
     """
 
     def __init__(
         self,
         assigner: Callable[[AssignInputs], Assignment],
-        scorer: Any,
+        scorer: Scorer,
         num_classes: int,
         *,
-        cls_weight: float = 1.0,
-        box_weight: float = 1.3,
-        quality_weight: float = 0.5,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         crowd_ignore_iof: float = 0.5,
@@ -153,55 +212,30 @@ class DetectionLoss:
         self.assigner = assigner
         self.scorer = scorer
         self.num_classes = num_classes
-        self.cls_weight = cls_weight
-        self.box_weight = box_weight
-        self.quality_weight = quality_weight
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.crowd_ignore_iof = crowd_ignore_iof
         self.box_coder = box_coder or BoxCoder()
 
-    def _assign(self, inputs: AssignInputs) -> tuple[Assignment, float]:
-        on_cuda = inputs.anchors.is_cuda
-        if on_cuda:
-            torch.cuda.synchronize(inputs.anchors.device)
-        start = time.perf_counter()
-        assignment = self.assigner(inputs)
-        if on_cuda:
-            torch.cuda.synchronize(inputs.anchors.device)
-        return assignment, (time.perf_counter() - start) * 1000.0
-
     def __call__(
         self, out: DetectorOutput, targets: list[dict[str, Tensor]]
     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        if self.scorer.uses_quality_branch != (out.quality is not None):
+        has_quality = self.scorer.has_quality_branch
+        if has_quality != (out.quality is not None):
             raise ValueError(
-                f"scorer '{self.scorer.name}' {'needs' if self.scorer.uses_quality_branch else 'does not use'} a quality "
+                f"scorer '{self.scorer.name}' {'needs' if has_quality else 'does not use'} a quality "
                 f"branch but the model has {'one' if out.quality is not None else 'none'}; build the model with "
-                f"use_quality={self.scorer.uses_quality_branch}"
+                f"use_quality={has_quality}"
             )
         if len(targets) != out.cls_logits.shape[0]:
             raise ValueError(f"{len(targets)} targets for a batch of {out.cls_logits.shape[0]} images")
         device = out.cls_logits.device
         anchors = out.anchors
-        gt_boxes, gt_labels, gt_mask = pad_targets(targets, device)
         pred_boxes = self.box_coder.decode(out.box_deltas, anchors)  # (B, A, 4), with grad
-
-        inputs = AssignInputs(
-            anchors=anchors,
-            num_anchors_per_level=list(out.num_anchors_per_level),
-            gt_boxes=gt_boxes,
-            gt_labels=gt_labels,
-            gt_mask=gt_mask,
-            cls_logits=out.cls_logits.detach(),
-            pred_boxes=pred_boxes.detach(),
-        )
-        assignment, assign_ms = self._assign(inputs)
-        info: dict[str, Any] = {
-            "assign_ms": assign_ms,
-            **assignment_stats(inputs, assignment),
-            "assignment": assignment,
-        }
+        inputs = build_assign_inputs(out, pred_boxes, targets)
+        gt_boxes, gt_labels = inputs.gt_boxes, inputs.gt_labels
+        assignment, assign_timer = timed_assign(self.assigner, inputs)
+        info: dict[str, Any] = {"assign_ms": assign_timer, "inputs": inputs, "assignment": assignment}
 
         gt_index = assignment.gt_index
         crowd_list = [t.get("crowd_boxes", gt_boxes.new_zeros(0, 4)).reshape(-1, 4) for t in targets]
@@ -223,7 +257,12 @@ class DetectionLoss:
 
         cls_logits = out.cls_logits.float()
         cls_targets = torch.zeros_like(cls_logits)
-        cls_targets[pos_image, pos_anchor, pos_labels] = 1.0
+        if assignment.soft_target is not None:
+            cls_targets[pos_image, pos_anchor, pos_labels] = assignment.soft_target[pos_image, pos_anchor].to(
+                cls_targets.dtype
+            )
+        else:
+            cls_targets[pos_image, pos_anchor, pos_labels] = 1.0
         valid = gt_index != IGNORED
         loss_cls = (
             sigmoid_focal_loss(
@@ -245,8 +284,8 @@ class DetectionLoss:
             loss_quality = cls_logits.new_zeros(())
 
         losses = {
-            "loss_cls": loss_cls * self.cls_weight,
-            "loss_box": loss_box * self.box_weight,
-            "loss_quality": loss_quality * self.quality_weight,
+            "loss_cls": loss_cls * self.scorer.cls_weight,
+            "loss_box": loss_box * self.scorer.box_weight,
+            "loss_quality": loss_quality * self.scorer.quality_weight,
         }
         return losses, info

@@ -46,11 +46,60 @@ def centerness(points: Tensor, boxes: Tensor, eps: float = 1e-12) -> Tensor:
     return torch.sqrt(ratio_x * ratio_y)
 
 
-class NoScorer:
-    """No quality branch: box loss unweighted (every positive weighs 1), score = class probability."""
+_SCORERS: dict[str, type[Scorer]] = {}
 
-    name = "none"
-    uses_quality_branch = False
+
+def register_scorer(name: str):
+    """Class decorator: register a scorer under ``name`` and set its ``name`` attribute."""
+
+    def decorate(cls: type[Scorer]) -> type[Scorer]:
+        if name in _SCORERS:
+            raise ValueError(f"scorer '{name}' is registered twice ({_SCORERS[name].__name__}, {cls.__name__})")
+        cls.name = name
+        _SCORERS[name] = cls
+        return cls
+
+    return decorate
+
+
+class Scorer:
+    """What the quality branch learns and how it joins the class score; carries its loss weights.
+
+    Capabilities, read by the model builder, the loss and the evaluation instead of the name:
+    ``has_quality_branch`` (the head needs a quality output) and ``predicts_iou`` (the quality
+    output estimates the IoU of the box, so its error against the true IoU is measured).
+
+    cls_weight, box_weight, quality_weight: multipliers of the focal, GIoU and quality losses.
+    """
+
+    name = ""
+    has_quality_branch = False
+    predicts_iou = False
+
+    def __init__(self, cls_weight: float = 1.0, box_weight: float = 1.3, quality_weight: float = 0.0):
+        for key, value in (("cls_weight", cls_weight), ("box_weight", box_weight), ("quality_weight", quality_weight)):
+            if not (isinstance(value, int | float) and value >= 0 and value == value):
+                raise ValueError(f"scorer '{self.name}': {key} must be a number >= 0, got {value!r}")
+        self.cls_weight = float(cls_weight)
+        self.box_weight = float(box_weight)
+        self.quality_weight = float(quality_weight)
+
+    @property
+    def uses_quality_branch(self) -> bool:  # the name the detector and older callers use
+        return self.has_quality_branch
+
+    def targets(self, anchors_pos: Tensor, pred_boxes_pos: Tensor, gt_boxes_pos: Tensor) -> Tensor:
+        """(P,) quality target of each positive; (P, 4) xyxy anchors, detached predicted boxes, GT boxes."""
+        raise NotImplementedError
+
+    def inference_score(self, cls_prob: Tensor, quality_logit: Tensor | None) -> Tensor:
+        """(N,) detection score from the class probability and the quality logit."""
+        raise NotImplementedError
+
+
+@register_scorer("none")
+class NoScorer(Scorer):
+    """No quality branch: box loss unweighted (every positive weighs 1), score = class probability."""
 
     def targets(self, anchors_pos: Tensor, pred_boxes_pos: Tensor, gt_boxes_pos: Tensor) -> Tensor:
         """(P,) ones: with unit weights the quality-weighted box loss is the plain mean over positives."""
@@ -60,8 +109,8 @@ class NoScorer:
         return cls_prob
 
 
-class _QualityScorer:
-    uses_quality_branch = True
+class _QualityScorer(Scorer):
+    has_quality_branch = True
 
     def inference_score(self, cls_prob: Tensor, quality_logit: Tensor | None) -> Tensor:
         """(N,) sqrt(cls_prob * sigmoid(quality_logit)) (PAA Sec. 3.3, official inference)."""
@@ -70,10 +119,12 @@ class _QualityScorer:
         return torch.sqrt(cls_prob * torch.sigmoid(quality_logit))
 
 
+@register_scorer("centerness")
 class CenternessScorer(_QualityScorer):
-    """ATSS centerness of the anchor centre inside its GT box."""
+    """ATSS centerness of the anchor centre inside its GT box; loss weights as ATSS (GIoU 2.0, centerness 1.0)."""
 
-    name = "centerness"
+    def __init__(self, cls_weight: float = 1.0, box_weight: float = 2.0, quality_weight: float = 1.0):
+        super().__init__(cls_weight, box_weight, quality_weight)
 
     def targets(self, anchors_pos: Tensor, pred_boxes_pos: Tensor, gt_boxes_pos: Tensor) -> Tensor:
         """(P,) centerness of each positive anchor's centre w.r.t. its GT; (P, 4) xyxy inputs."""
@@ -81,21 +132,31 @@ class CenternessScorer(_QualityScorer):
         return centerness(centres.to(gt_boxes_pos.dtype), gt_boxes_pos)
 
 
+@register_scorer("iou")
 class IoUScorer(_QualityScorer):
-    """PAA IoU prediction: IoU of the detached decoded box with its GT (PAA Sec. 3.3)."""
+    """PAA IoU prediction: IoU of the detached decoded box with its GT (PAA Sec. 3.3); loss weights
+    as the official PAA config (GIoU 1.3, IoU 0.5)."""
 
-    name = "iou"
+    predicts_iou = True
+
+    def __init__(self, cls_weight: float = 1.0, box_weight: float = 1.3, quality_weight: float = 0.5):
+        super().__init__(cls_weight, box_weight, quality_weight)
 
     def targets(self, anchors_pos: Tensor, pred_boxes_pos: Tensor, gt_boxes_pos: Tensor) -> Tensor:
         """(P,) IoU of each positive's detached predicted box with its GT; (P, 4) xyxy inputs."""
         return elementwise_box_iou(pred_boxes_pos.detach().to(gt_boxes_pos.dtype), gt_boxes_pos)
 
 
-SCORERS = {"none": NoScorer, "centerness": CenternessScorer, "iou": IoUScorer}
+SCORERS = _SCORERS
 
 
-def build_scorer(name: str) -> NoScorer | CenternessScorer | IoUScorer:
-    """Scorer by name: ``none``, ``centerness`` or ``iou``."""
-    if name not in SCORERS:
-        raise ValueError(f"unknown scorer '{name}'; valid choices: {', '.join(SCORERS)}")
-    return SCORERS[name]()
+def available_scorers() -> list[str]:
+    """Registered scorer names, in registration order."""
+    return list(_SCORERS)
+
+
+def build_scorer(name: str, **weights: float) -> Scorer:
+    """Scorer by registered name with its loss weights (defaults: the method's own, see each class)."""
+    if name not in _SCORERS:
+        raise ValueError(f"unknown scorer '{name}'; valid choices: {', '.join(_SCORERS)}")
+    return _SCORERS[name](**weights)

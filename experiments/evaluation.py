@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torchvision.ops import box_iou
 
-AP_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+from .runfiles import AP_NAMES
+
 BACKENDS = ("pycocotools", "faster")
 
 
@@ -111,22 +112,19 @@ def run_inference(model, loader, device, scorer, inference_cfg: dict, label_to_c
     """Detections of ``model`` over ``loader`` as COCO results plus the IoU-prediction error.
 
     Returns (results list, iou_pred_error or None). The error is None unless the scorer
-    predicts IoU.
+    predicts IoU (``scorer.predicts_iou``).
     """
     from detector import postprocess
+
+    from .trainer import autocast
 
     model.eval()
     results: list[dict] = []
     err_sum, err_count = 0.0, 0
-    track_iou = scorer.name == "iou"
+    track_iou = scorer.predicts_iou
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
-        ctx = (
-            torch.autocast(device_type=device.type, dtype=autocast_dtype)
-            if autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with ctx:
+        with autocast(device, autocast_dtype):
             out = model(images)
         sizes = [tuple(t["size"]) for t in targets]
         dets = postprocess(out, sizes, scorer, **inference_cfg)

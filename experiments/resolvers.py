@@ -16,8 +16,15 @@ def _csv(values) -> str:
     return ",".join(str(v) for v in values)
 
 
+def _run_name(variant_id, seed) -> str:
+    """A run's directory name, as the results contract spells it (``runfiles.run_name``)."""
+    from .runfiles import run_name
+
+    return run_name(str(variant_id), int(seed))
+
+
 def register() -> None:
-    for name, fn in (("ab.mul", _mul), ("ab.csv", _csv)):
+    for name, fn in (("ab.mul", _mul), ("ab.csv", _csv), ("ab.run_name", _run_name)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -1,4 +1,6 @@
-"""Files of one run: atomic writes, the per-run lock, ``stats.csv`` and ``metrics.json``.
+"""The results contract, defined once: run paths and file names, the ``metrics.json`` and
+``stats.csv`` fields, the AP names, the run-name format and the grid file; plus atomic writes and
+the per-run lock. Torch-free: the engine writes with it, ``analysis`` reads with it.
 
 Everything here survives a ``kill -9`` at any instant: a file is written to a temp file
 in the same directory, fsynced, then renamed over the old one, so readers see either the
@@ -8,15 +10,32 @@ previous complete file or the new complete one.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import errno
 import fcntl
 import io
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
+
+# ----------------------------------------------------------------------------- names
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+STATS_FILE = "stats.csv"
+DETECTIONS_FILE = "detections.json"
+SNAPSHOT_FILE = "assignments.npz"
+MATCHES_FILE = "eval_matches.npz"  # per-image COCOeval matches of the final evaluation (paired CIs)
+LOG_FILE = "train.log"
+CHECKPOINT_FILE = "checkpoints/last.pt"
+GRID_FILE = "grid.json"  # a grid's variant labels in table order and its baseline variant
+
+DONE, FAILED = "done", "failed"
+AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 STATS_FIELDS = [
     "iter",
@@ -31,16 +50,17 @@ STATS_FIELDS = [
     "gt_without_pos",
     "assign_ms",
 ]
+LOSS_FIELDS = ("loss_cls", "loss_box", "loss_quality")
+# The stats.csv columns that come from the assignment (``assigners.assignment_stats``) and its timing.
+ASSIGNMENT_STATS_FIELDS = tuple(f for f in STATS_FIELDS if f != "iter" and f not in LOSS_FIELDS)
 
 METRIC_FIELDS = [
     "status",
     "error",
-    "AP",
-    "AP50",
-    "AP75",
-    "APs",
-    "APm",
-    "APl",
+    "variant",
+    "variant_id",
+    "environment",
+    *AP_NAMES,
     "iou_pred_error",
     "iters",
     "train_seconds",
@@ -52,6 +72,98 @@ METRIC_FIELDS = [
     "overrides",
     "ap_curve",
 ]
+
+# Component names of older results, read under their current name (the MaxIoU assigner was ``iou``).
+LEGACY_ASSIGNER_NAMES = {"iou": "max_iou"}
+
+_RUN_NAME = re.compile(r"^(?P<variant_id>.+)-s(?P<seed>\d+)$")
+
+
+def run_name(variant_id: str, seed: int) -> str:
+    """The directory name of one run: ``<variant_id>-s<seed>``."""
+    return f"{variant_id}-s{int(seed)}"
+
+
+def parse_run_name(name: str) -> tuple[str, int] | None:
+    """(variant_id, seed) of a ``run_name``, or None when ``name`` does not have its form."""
+    match = _RUN_NAME.match(name)
+    return (match["variant_id"], int(match["seed"])) if match else None
+
+
+def canonical_assigner(name: str | None) -> str | None:
+    """An assigner name as the registry spells it today (``iou`` -> ``max_iou``)."""
+    return LEGACY_ASSIGNER_NAMES.get(name, name) if name is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    """The files of one run directory ``<results_root>/<grid>/<run>/``."""
+
+    run_dir: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run_dir", Path(self.run_dir))
+
+    config = property(lambda self: self.run_dir / CONFIG_FILE)
+    metrics = property(lambda self: self.run_dir / METRICS_FILE)
+    stats = property(lambda self: self.run_dir / STATS_FILE)
+    detections = property(lambda self: self.run_dir / DETECTIONS_FILE)
+    snapshots = property(lambda self: self.run_dir / SNAPSHOT_FILE)
+    matches = property(lambda self: self.run_dir / MATCHES_FILE)
+    log = property(lambda self: self.run_dir / LOG_FILE)
+    checkpoint = property(lambda self: self.run_dir / CHECKPOINT_FILE)
+
+
+def new_metrics(
+    *,
+    variant: str,
+    variant_id: str,
+    seed: int,
+    assigner: str,
+    scorer: str,
+    overrides: list[str],
+    environment: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A ``metrics.json`` dict with every field of the contract, before any result is in."""
+    metrics: dict[str, Any] = dict.fromkeys(METRIC_FIELDS)
+    metrics.update(
+        variant=variant,
+        variant_id=variant_id,
+        environment=environment,
+        iters=0,
+        train_seconds=0.0,
+        seed=int(seed),
+        assigner=assigner,
+        scorer=scorer,
+        overrides=list(overrides),
+        ap_curve=[],
+    )
+    return metrics
+
+
+def write_grid_file(grid_dir: str | Path, name: str, variants: list[str], baseline: str | None) -> None:
+    """Record a grid's variant labels (table order) and its baseline variant in ``grid.json``."""
+    if baseline is not None and baseline not in variants:
+        raise ValueError(f"grid {name}: baseline {baseline!r} is not one of its variants {variants}")
+    payload = {"grid": name, "variants": list(variants), "baseline": baseline}
+    atomic_write_text(Path(grid_dir) / GRID_FILE, json.dumps(payload, indent=2) + "\n")
+
+
+def read_grid_file(grid_dir: str | Path) -> dict[str, Any]:
+    """``grid.json`` as {"grid", "variants", "baseline"}; empty variants and no baseline when absent."""
+    path = Path(grid_dir) / GRID_FILE
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return {"grid": Path(grid_dir).name, "variants": [], "baseline": None}
+    return {
+        "grid": str(payload.get("grid", Path(grid_dir).name)),
+        "variants": [str(v) for v in payload.get("variants") or []],
+        "baseline": payload.get("baseline"),
+    }
+
+
+# ----------------------------------------------------------------------------- writing
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -115,12 +227,19 @@ def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
 
 
 def read_metrics(path: str | Path) -> dict[str, Any] | None:
-    """The run's metrics, or None when the file is absent or unreadable."""
+    """The run's metrics, or None when the file is absent, unreadable or not a JSON object."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
+            metrics = json.load(f)
+    except (OSError, ValueError):  # ValueError: JSON or UTF-8 decoding
         return None
+    return metrics if isinstance(metrics, dict) else None
+
+
+def run_is_done(run_dir: str | Path) -> bool:
+    """Whether the run's ``metrics.json`` says done."""
+    metrics = read_metrics(RunPaths(Path(run_dir)).metrics)
+    return bool(metrics and metrics.get("status") == DONE)
 
 
 class StatsWriter:

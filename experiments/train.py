@@ -14,26 +14,15 @@ import traceback
 from pathlib import Path
 
 import hydra
-import torch
-import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from . import engine
 from .data import DatasetError
-from .engine import (
-    ConfigError,
-    DistInfo,
-    NonFiniteLossError,
-    RunInterrupted,
-    RunPaths,
-    record_failure,
-    run_is_done,
-    setup_distributed,
-    train_run,
-    write_resolved_config,
-)
-from .runfiles import RunLock, read_metrics, remove_stale_temp_files
+from .distributed import as_on_rank_zero, setup_distributed
+from .errors import ConfigError, NonFiniteLossError, RunInterrupted
+from .runfiles import RunLock, RunPaths, read_metrics, remove_stale_temp_files, run_is_done
 
 # Failures whose message says all there is to say (which value, file or iteration): no traceback.
 EXPECTED_FAILURES = (ConfigError, DatasetError, NonFiniteLossError)
@@ -46,25 +35,15 @@ def run_dir_of(cfg: DictConfig) -> Path:
 def _claim_run(paths: RunPaths) -> tuple[str, RunLock | None]:
     """Whether this process trains the run: ("train", its held lock), ("done", None) or ("locked", None)."""
     paths.run_dir.mkdir(parents=True, exist_ok=True)
-    if run_is_done(paths):
+    if run_is_done(paths.run_dir):
         return "done", None
     lock = RunLock(paths.run_dir)
     if not lock.acquire():
         return "locked", None
-    if run_is_done(paths):  # finished by another process between the check and the lock
+    if run_is_done(paths.run_dir):  # finished by another process between the check and the lock
         lock.release()
         return "done", None
     return "train", lock
-
-
-def _as_on_rank_zero(value: str, dist_info: DistInfo) -> str:
-    """``value`` as rank 0 of this torchrun job has it (``value`` itself in a single process)."""
-    if dist_info.world_size == 1:
-        return value
-    box = [value]
-    device = torch.device("cuda", dist_info.local_rank) if dist.get_backend() == "nccl" else None
-    dist.broadcast_object_list(box, src=0, device=device)
-    return box[0]
 
 
 def execute(cfg: DictConfig, overrides: list[str], raise_on_failure: bool) -> dict | None:
@@ -76,7 +55,7 @@ def execute(cfg: DictConfig, overrides: list[str], raise_on_failure: bool) -> di
     paths = RunPaths(run_dir_of(cfg))
     dist_info = setup_distributed()
     decision, lock = _claim_run(paths) if dist_info.is_main else ("", None)
-    decision = _as_on_rank_zero(decision, dist_info)
+    decision = as_on_rank_zero(decision, dist_info)
     if decision == "done":
         if dist_info.is_main:
             print(f"[assignbench] {paths.run_dir}: already done, skipped")
@@ -88,15 +67,15 @@ def execute(cfg: DictConfig, overrides: list[str], raise_on_failure: bool) -> di
     try:
         if dist_info.is_main:
             remove_stale_temp_files(paths.run_dir)  # left by a process killed mid-write; we hold the lock
-            write_resolved_config(paths, cfg)
+            engine.write_resolved_config(paths, cfg)
         try:
-            metrics = train_run(cfg, paths.run_dir, overrides)
+            metrics = engine.train_run(cfg, paths.run_dir, overrides)
         except RunInterrupted as exc:
             print(f"[assignbench] {paths.run_dir}: interrupted: {exc}", file=sys.stderr)
             raise SystemExit(130) from None
         except Exception as exc:  # recorded, never allowed to take the other runs down
             error = f"{type(exc).__name__}: {exc}"
-            record_failure(paths, cfg, overrides, error)
+            engine.record_failure(paths, cfg, overrides, error)
             print(f"[assignbench] {paths.run_dir}: FAILED: {error}", file=sys.stderr)
             if not isinstance(exc, EXPECTED_FAILURES):
                 traceback.print_exc()

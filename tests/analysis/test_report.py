@@ -14,6 +14,7 @@ from PIL import Image
 from analysis.plots import pick_iterations
 from analysis.report import write_report
 from analysis.runs import ResultsError
+from experiments.runfiles import write_grid_file
 
 REPO = Path(__file__).resolve().parents[2]
 STATS_HEADER = "iter,loss_cls,loss_box,loss_quality,num_gt,num_pos,pos_per_gt_mean,pos_per_gt_std,pos_iou_mean,gt_without_pos,assign_ms\n"
@@ -110,7 +111,7 @@ def build_grid(root: Path) -> Path:
     incomplete.mkdir()
     (incomplete / "config.yaml").write_text(_config("atss+iou", 3))
     (incomplete / "stats.csv").write_text(STATS_HEADER + "10,1.0,0.5,0.2,4,400,100,1.0,0.6,0,3.0\n")
-    (grid / "grid_variants.txt").write_text("paa+iou\natss+iou\n")
+    write_grid_file(grid, "bench", ["paa+iou", "atss+iou"], baseline="atss+iou")
     return grid
 
 
@@ -135,7 +136,7 @@ def test_writes_every_output(report):
 def test_csv_holds_the_hand_computed_numbers(report):
     grid, _ = report
     table = pd.read_csv(grid / "table.csv").set_index("variant")
-    assert table.index.tolist() == ["paa+iou", "atss+iou"]  # grid_variants.txt order
+    assert table.index.tolist() == ["paa+iou", "atss+iou"]  # grid.json order
     # atss+iou AP 30, 32, 34 -> 32.0 ± 2.0; AP50 48, 50, 52 -> 50.0 ± 2.0.
     assert table.loc["atss+iou", "AP_mean"] == pytest.approx(32.0)
     assert table.loc["atss+iou", "AP_std"] == pytest.approx(2.0)

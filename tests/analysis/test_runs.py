@@ -8,12 +8,14 @@ import pytest
 from analysis.runs import (
     ResultsError,
     ap_curve_frame,
+    grid_baseline,
     load_runs,
     load_snapshot,
     runs_frame,
     stats_frame,
     variant_order,
 )
+from experiments.runfiles import write_grid_file
 
 STATS_HEADER = "iter,loss_cls,loss_box,loss_quality,num_gt,num_pos,pos_per_gt_mean,pos_per_gt_std,pos_iou_mean,gt_without_pos,assign_ms\n"
 
@@ -25,13 +27,14 @@ def _metrics(**fields):
 
 
 def test_status_variant_and_seed_fallbacks(tmp_path):
-    # config.yaml gives variant and seed.
+    # metrics.json written before it carried ``variant``: config.yaml gives it; the seed is metrics.json's.
     (tmp_path / "a-s0").mkdir()
     (tmp_path / "a-s0" / "config.yaml").write_text("variant: paa-c\nseed: 7\nassigner:\n  name: paa\n")
     (tmp_path / "a-s0" / "metrics.json").write_text(_metrics(seed=0))
-    # No config: variant from metrics.json's assigner+scorer, seed from metrics.json.
+    # metrics.json names the variant.
     (tmp_path / "b-s1").mkdir()
-    (tmp_path / "b-s1" / "metrics.json").write_text(_metrics(status="failed", error="boom", AP=None, seed=4))
+    (tmp_path / "b-s1" / "metrics.json").write_text(
+        _metrics(status="failed", error="boom", AP=None, seed=4, variant="paa+iou"))
     # Nothing but stats: variant and seed from the dir name; no metrics.json -> incomplete.
     (tmp_path / "atss+none-s3").mkdir()
     (tmp_path / "atss+none-s3" / "stats.csv").write_text(STATS_HEADER + "10,1,1,0,4,36,9,1,0.5,0,2\n")
@@ -40,7 +43,7 @@ def test_status_variant_and_seed_fallbacks(tmp_path):
 
     runs = {run.name: run for run in load_runs(tmp_path)}
     assert set(runs) == {"a-s0", "b-s1", "atss+none-s3"}
-    assert (runs["a-s0"].variant, runs["a-s0"].seed, runs["a-s0"].status) == ("paa-c", 7, "done")
+    assert (runs["a-s0"].variant, runs["a-s0"].seed, runs["a-s0"].status) == ("paa-c", 0, "done")
     assert (runs["b-s1"].variant, runs["b-s1"].seed, runs["b-s1"].status) == ("paa+iou", 4, "failed")
     assert runs["b-s1"].error == "boom"
     assert (runs["atss+none-s3"].variant, runs["atss+none-s3"].seed) == ("atss+none", 3)
@@ -65,10 +68,26 @@ def test_missing_or_empty_grid_raises_a_clear_error(tmp_path):
         load_runs(tmp_path)
 
 
-def test_variant_order_follows_grid_variants_txt_then_names(tmp_path):
+def test_variant_order_follows_the_grid_file_then_names(tmp_path):
     assert variant_order(tmp_path, {"b", "a", "c"}) == ["a", "b", "c"]
-    (tmp_path / "grid_variants.txt").write_text("# grid order\nc\n\nzzz-not-run\nb\nc\n")
+    assert grid_baseline(tmp_path, ["a", "b", "c"]) == "a"  # no grid.json: the first variant
+    write_grid_file(tmp_path, "g", ["c", "zzz-not-run", "b"], baseline="b")
     assert variant_order(tmp_path, {"b", "a", "c"}) == ["c", "b", "a"]
+    assert grid_baseline(tmp_path, ["c", "b", "a"]) == "b"
+    with pytest.raises(ValueError, match="baseline"):
+        write_grid_file(tmp_path, "g", ["c", "b"], baseline="a")
+
+
+def test_metrics_name_the_variant_and_old_assigner_names_read_as_today(tmp_path):
+    run = tmp_path / "whatever-s7"
+    run.mkdir()
+    (run / "config.yaml").write_text("variant: from-config\nseed: 1\n")
+    (run / "metrics.json").write_text(_metrics(variant="IoU+none", seed=3, assigner="iou"))
+    (read,) = load_runs(tmp_path)
+    assert (read.variant, read.seed, read.assigner) == ("IoU+none", 3, "max_iou")
+    (run / "metrics.json").unlink()  # still running: config.yaml names it
+    (read,) = load_runs(tmp_path)
+    assert (read.variant, read.seed, read.status) == ("from-config", 1, "incomplete")
 
 
 def test_frames(tmp_path):

@@ -49,6 +49,8 @@ def random_batch(
 ) -> AssignInputs:
     """A random batch with padded GT slots, noisy predictions and (optionally) an image without GT.
 
+    Anchors of side 8 x stride, one per location, with ``strides`` recorded in ``AssignInputs``.
+
     Real GTs sit in random slots; padded slots hold garbage boxes and labels. GT sizes
     range from a few pixels to larger than the image. Predictions lean towards the max-IoU
     GT of each anchor (logit of its class raised, box pulled towards it) plus noise, so
@@ -93,6 +95,7 @@ def random_batch(
         gt_mask=gt_mask.to(device),
         cls_logits=None if cls_logits is None else cls_logits.to(device),
         pred_boxes=None if pred_boxes is None else pred_boxes.to(device),
+        strides=list(strides),
     )
 
 

@@ -181,11 +181,6 @@ def test_select_candidates_equals_loop_reference(make_batch, seed, topk):
     assert bool((candidates.num_candidates[~inputs.gt_mask] == 0).all())
 
 
-def test_requires_predictions(make_batch):
-    with pytest.raises(ValueError, match="cls_logits and pred_boxes"):
-        anchor_loss(make_batch(0, predictions=False))
-
-
 @requires_cuda
 def test_cuda_equals_cpu(make_batch):
     cpu = anchor_loss(make_batch(3))

@@ -104,9 +104,3 @@ def test_fsr_is_candidates_above_score(make_batch, seed):
 def test_rejects_bad_params(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
         assigners.build(name, **kwargs)
-
-
-@pytest.mark.parametrize("name", ["fnp", "fsr"])
-def test_requires_predictions(make_batch, name):
-    with pytest.raises(ValueError, match=f"'{name}'.*needs cls_logits and pred_boxes"):
-        assigners.build(name)(make_batch(0, predictions=False))

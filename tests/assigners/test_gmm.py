@@ -120,8 +120,14 @@ def test_rejects_bad_input():
         fit_gmm_batched(torch.tensor([[0.0, float("inf")]]), torch.ones(1, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="max_iter"):
         fit_gmm_batched(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), max_iter=0)
-    with pytest.raises(ValueError, match="valid choices: torch, sklearn"):
-        fit_gmm(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), backend="numpy")
+
+
+@pytest.mark.parametrize(("backend", "fit"), [("torch", fit_gmm_batched), ("sklearn", fit_gmm_sklearn)])
+def test_fit_gmm_dispatches_to_the_named_backend(backend, fit):
+    loss, mask = random_loss_rows(seed=5, num_rows=10)
+    dispatched, direct = fit_gmm(loss, mask, backend=backend, max_iter=7), fit(loss, mask, max_iter=7)
+    assert torch.equal(dispatched.means, direct.means) and torch.equal(dispatched.labels, direct.labels)
+    assert torch.equal(dispatched.n_iter, direct.n_iter)
 
 
 @requires_cuda

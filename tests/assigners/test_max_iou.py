@@ -1,4 +1,4 @@
-"""MaxIoU (``iou``) assigner and the shared IoU helpers, against torchvision oracles."""
+"""MaxIoU (``max_iou``) assigner and the GT-anchor IoU it matches on, against torchvision oracles."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torchvision.models.detection._utils import Matcher
 from torchvision.ops import box_iou
 
 import assigners
-from assigners import IGNORED, NEGATIVE, AssignInputs, batched_box_iou, gt_anchor_iou
+from assigners import IGNORED, NEGATIVE, AssignInputs, gt_anchor_iou
 from assigners.max_iou import max_iou_match
 
 
@@ -25,19 +25,6 @@ def _inputs(anchors, gt_boxes, gt_mask=None):
     )
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_batched_box_iou_equals_torchvision_box_iou(seed):
-    gen = torch.Generator().manual_seed(seed)
-    corner = torch.rand(4, 7, 2, generator=gen) * 100
-    boxes1 = torch.cat([corner, corner + torch.rand(4, 7, 2, generator=gen) * 60 + 0.5], dim=-1)
-    corner = torch.rand(4, 11, 2, generator=gen) * 100
-    boxes2 = torch.cat([corner, corner + torch.rand(4, 11, 2, generator=gen) * 60 + 0.5], dim=-1)
-    iou = batched_box_iou(boxes1, boxes2)
-    assert iou.shape == (4, 7, 11)
-    for i in range(4):
-        torch.testing.assert_close(iou[i], box_iou(boxes1[i], boxes2[i]), rtol=0, atol=0)
-
-
 def test_gt_anchor_iou_marks_padded_rows(make_batch):
     inputs = make_batch(0, predictions=False)
     iou = gt_anchor_iou(inputs)
@@ -47,26 +34,26 @@ def test_gt_anchor_iou_marks_padded_rows(make_batch):
     assert bool(((real >= 0) & (real <= 1)).all())
 
 
-def test_iou_assigner_hand_built():
+def test_max_iou_assigner_hand_built():
     # GT [0, 0, 10, 10]; anchors with IoU 1, 0.6, 0.45 and 0.
     anchors = [[0, 0, 10, 10], [0, 0, 10, 6], [0, 0, 4.5, 10], [20, 20, 30, 30]]
-    out = assigners.build("iou")(_inputs(anchors, [[0, 0, 10, 10]]))
+    out = assigners.build("max_iou")(_inputs(anchors, [[0, 0, 10, 10]]))
     assert out.gt_index.tolist() == [[0, 0, IGNORED, NEGATIVE]]
 
 
-def test_iou_assigner_keeps_low_quality_best_anchor():
+def test_max_iou_assigner_keeps_low_quality_best_anchor():
     # The GT's best anchor has IoU 0.3 (< 0.4): it is still positive; the other is negative.
     anchors = [[0, 0, 3, 10], [0, 0, 1, 10]]
-    out = assigners.build("iou")(_inputs(anchors, [[0, 0, 10, 10]]))
+    out = assigners.build("max_iou")(_inputs(anchors, [[0, 0, 10, 10]]))
     assert out.gt_index.tolist() == [[0, NEGATIVE]]
-    out = assigners.build("iou", allow_low_quality=False)(_inputs(anchors, [[0, 0, 10, 10]]))
+    out = assigners.build("max_iou", allow_low_quality=False)(_inputs(anchors, [[0, 0, 10, 10]]))
     assert out.gt_index.tolist() == [[NEGATIVE, NEGATIVE]]
 
 
-def test_iou_assigner_resolves_two_gts_by_highest_iou():
+def test_max_iou_assigner_resolves_two_gts_by_highest_iou():
     # The anchor overlaps GT 1 more than GT 0.
     anchors = [[0, 0, 10, 10]]
-    out = assigners.build("iou")(_inputs(anchors, [[0, 0, 10, 18], [0, 0, 10, 12]]))
+    out = assigners.build("max_iou")(_inputs(anchors, [[0, 0, 10, 18], [0, 0, 10, 12]]))
     assert out.gt_index.tolist() == [[1]]
 
 
@@ -84,10 +71,10 @@ def _matcher_reference(inputs: AssignInputs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_iou_assigner_equals_torchvision_matcher(make_batch, seed):
+def test_max_iou_assigner_equals_torchvision_matcher(make_batch, seed):
     inputs = make_batch(seed, batch_size=4, max_gt=7, predictions=False)
     assert not bool(inputs.gt_mask[-1].any()), "the batch should include an image without GT"
-    out = assigners.build("iou")(inputs)
+    out = assigners.build("max_iou")(inputs)
     assert torch.equal(out.gt_index, _matcher_reference(inputs))
 
 
@@ -97,8 +84,8 @@ def test_max_iou_match_with_zero_gt_slots():
     assert out.tolist() == [[NEGATIVE] * 5] * 2
 
 
-def test_iou_assigner_rejects_bad_thresholds():
+def test_max_iou_assigner_rejects_bad_thresholds():
     with pytest.raises(ValueError, match="neg_iou"):
-        assigners.build("iou", pos_iou=0.3, neg_iou=0.4)
+        assigners.build("max_iou", pos_iou=0.3, neg_iou=0.4)
     with pytest.raises(ValueError, match="valid choices"):
         assigners.build("no-such-assigner")

@@ -66,11 +66,6 @@ def test_split_b_with_bg_peak_before_fg_peak_has_no_ignored():
     assert _sets(*split_by_scheme(labels, density, mask, "b")) == ([0, 1, 2], [])
 
 
-def test_split_rejects_unknown_scheme():
-    with pytest.raises(ValueError, match="valid choices: a, b, c, d"):
-        split_by_scheme(HAND_LABELS, HAND_DENSITY, HAND_MASK, "e")
-
-
 # --- separate_candidates: GMM + scheme on constructed losses ---------------------------
 
 # Two clusters; in each, the middle sample is nearest the fitted mean, so it is the
@@ -240,11 +235,6 @@ def test_backends_agree_on_random_batches(make_batch):
 def test_rejects_bad_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
         assigners.build("paa", **kwargs)
-
-
-def test_requires_predictions(make_batch):
-    with pytest.raises(ValueError, match="'paa'.*cls_logits and pred_boxes"):
-        assigners.build("paa")(make_batch(0, predictions=False))
 
 
 @requires_cuda

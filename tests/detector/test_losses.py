@@ -69,14 +69,17 @@ def test_one_anchor_by_hand(scorer, quality_target):
     # IoU = 64 / 128 = 1/2; the enclosing box is the GT (area 128 = union), so GIoU = 1/2, loss 1/2.
     # Centerness of the anchor centre (4, 4) in the GT: l = r = 4, t = 4, b = 12.
     out = zero_output([[0.0, 0.0, 8.0, 8.0]], quality=scorer != "none")
-    loss = DetectionLoss(FixedAssigner([[0]]), build_scorer(scorer), num_classes=2)
+    # Loss weights chosen apart from every default, so the test sees that the scorer's weights are used.
+    weights = dict(cls_weight=1.5, box_weight=1.3, quality_weight=0.5 if scorer != "none" else 0.0)
+    loss = DetectionLoss(FixedAssigner([[0]]), build_scorer(scorer, **weights), num_classes=2)
     losses, info = loss(out, [target([[0.0, 0.0, 8.0, 16.0]], [0])])
     got = values(losses)
-    assert got["loss_cls"] == pytest.approx(1.0 * (FOCAL_POS + FOCAL_NEG), rel=1e-5)
+    assert got["loss_cls"] == pytest.approx(1.5 * (FOCAL_POS + FOCAL_NEG), rel=1e-5)
     # One positive: the quality weight cancels in sum(w * l) / sum(w).
     assert got["loss_box"] == pytest.approx(1.3 * 0.5, rel=1e-5)
     assert got["loss_quality"] == pytest.approx(0.5 * LN2 if quality_target is not None else 0.0, rel=1e-5)
-    assert info["num_pos"] == 1 and info["num_gt"] == 1 and info["assign_ms"] >= 0.0
+    stats = assigners.assignment_stats(info["inputs"], info["assignment"])
+    assert stats["num_pos"] == 1 and stats["num_gt"] == 1 and info["assign_ms"].ms >= 0.0
     if quality_target is not None:
         # d loss_quality / d logit = 0.5 * (sigmoid(0) - target): checks the target itself.
         sum(losses.values()).backward()
@@ -135,13 +138,14 @@ def test_crowd_boxes_ignore_overlapping_negatives():
 
 def test_zero_gt_images_stay_finite_with_the_iou_assigner():
     anchors = [[0.0, 0.0, 8.0, 8.0], [8.0, 0.0, 16.0, 8.0], [0.0, 8.0, 8.0, 16.0]]
-    loss = DetectionLoss(assigners.build("iou"), build_scorer("iou"), 2)
+    loss = DetectionLoss(assigners.build("max_iou"), build_scorer("iou"), 2)
     empty = target([], [])
 
     out = zero_output(anchors, batch=2)
     losses, info = loss(out, [target([[0.0, 0.0, 8.0, 8.0]], [1]), empty])
     assert all(math.isfinite(v) for v in values(losses).values())
-    assert info["num_gt"] == 1 and info["num_pos"] == 1
+    stats = assigners.assignment_stats(info["inputs"], info["assignment"])
+    assert stats["num_gt"] == 1 and stats["num_pos"] == 1
     sum(losses.values()).backward()
     assert torch.isfinite(out.box_deltas.grad).all() and torch.isfinite(out.quality.grad).all()
 
@@ -150,7 +154,8 @@ def test_zero_gt_images_stay_finite_with_the_iou_assigner():
     # No positives: every anchor-class pair is a negative, normalised by max(0, 1) = 1.
     assert losses["loss_cls"].item() == pytest.approx(2 * 3 * 2 * FOCAL_NEG, rel=1e-5)
     assert losses["loss_box"].item() == 0.0 and losses["loss_quality"].item() == 0.0
-    assert info["num_gt"] == 0 and info["num_pos"] == 0 and info["pos_iou_mean"] == 0.0
+    stats = assigners.assignment_stats(info["inputs"], info["assignment"])
+    assert stats["num_gt"] == 0 and stats["num_pos"] == 0 and stats["pos_iou_mean"] == 0.0
     sum(losses.values()).backward()
     assert float(out.box_deltas.grad.abs().sum()) == 0.0
 
@@ -164,7 +169,8 @@ def test_assigner_gets_detached_predictions_and_info_holds_its_assignment():
     torch.testing.assert_close(inputs.pred_boxes[0], out.anchors)  # zero deltas decode to the anchors
     assert inputs.gt_mask.tolist() == [[True]]
     assert torch.equal(info["assignment"].gt_index, torch.tensor([[0, -1]]))
-    assert info["pos_iou_mean"] == pytest.approx(1.0)
+    assert info["inputs"] is inputs
+    assert assigners.assignment_stats(inputs, info["assignment"])["pos_iou_mean"] == pytest.approx(1.0)
 
 
 def test_scorer_must_match_the_quality_branch():
@@ -197,3 +203,30 @@ def test_normalizers_with_a_fake_all_reduce():
     assert loss_normalizers(
         0.0, 0.0, reduce_sum=lambda t: t + torch.tensor([1.0, 0.5], dtype=torch.float64), world_size=2
     ) == pytest.approx((1.0, 0.25))
+
+
+class SoftAssigner(FixedAssigner):
+    """A fixed gt_index with a soft classification target on each positive."""
+
+    def __init__(self, gt_index, soft_target):
+        super().__init__(gt_index)
+        self.soft_target = torch.as_tensor(soft_target, dtype=torch.float32)
+
+    def __call__(self, inputs):
+        self.inputs = inputs
+        return assigners.Assignment(gt_index=self.gt_index.clone(), soft_target=self.soft_target.clone())
+
+
+def test_soft_target_is_the_positive_class_target_of_the_focal_loss():
+    # Zero logits: p = 1/2 and BCE = ln 2 whatever the target t; p_t = 1/2, so (1 - p_t)^2 = 1/4 and
+    # alpha_t = 0.25 t + 0.75 (1 - t). The GT class has t = 0.6 (alpha_t 0.45), the other class t = 0.
+    out = zero_output([[0.0, 0.0, 8.0, 8.0]], quality=False)
+    loss = DetectionLoss(SoftAssigner([[0]], [[0.6]]), build_scorer("none"), num_classes=2)
+    losses, _ = loss(out, [target([[0.0, 0.0, 8.0, 16.0]], [0])])
+    expected = LN2 * 0.25 * (0.25 * 0.6 + 0.75 * 0.4) + LN2 * 0.25 * 0.75
+    assert float(losses["loss_cls"].detach()) == pytest.approx(expected, rel=1e-6)
+    # the box loss does not depend on the soft target
+    hard, _ = DetectionLoss(FixedAssigner([[0]]), build_scorer("none"), num_classes=2)(
+        zero_output([[0.0, 0.0, 8.0, 8.0]], quality=False), [target([[0.0, 0.0, 8.0, 16.0]], [0])])
+    assert float(losses["loss_box"].detach()) == float(hard["loss_box"].detach())
+    assert float(hard["loss_cls"].detach()) == pytest.approx(FOCAL_POS + FOCAL_NEG, rel=1e-6)

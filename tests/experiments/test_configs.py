@@ -52,9 +52,34 @@ def test_variant_parameters_land_in_the_assigner_and_model():
     cfg = _compose(["+variants=paa_iou_voting"])
     assert cfg.inference.score_voting is True
     cfg = _compose(["+variants=atss_centerness"])
-    assert (cfg.scorer.loss.box_weight, cfg.scorer.loss.quality_weight) == (2.0, 1.0)
+    assert (cfg.scorer.box_weight, cfg.scorer.quality_weight) == (2.0, 1.0)
     cfg = _compose(["+variants=paa_iou"])
-    assert (cfg.scorer.loss.cls_weight, cfg.scorer.loss.box_weight, cfg.scorer.loss.quality_weight) == (1.0, 1.3, 0.5)
+    assert (cfg.scorer.cls_weight, cfg.scorer.box_weight, cfg.scorer.quality_weight) == (1.0, 1.3, 0.5)
+
+
+@pytest.mark.parametrize("name", ["none", "centerness", "iou"])
+def test_scorer_configs_build_the_scorer_with_their_weights(name):
+    from hydra.utils import instantiate
+
+    node = _compose([f"scorer={name}"]).scorer
+    scorer = instantiate(node)
+    assert scorer.name == name
+    assert (scorer.cls_weight, scorer.box_weight, scorer.quality_weight) == (
+        node.cls_weight, node.box_weight, node.quality_weight)
+    # the class defaults are the method's own weights, the same as its config file
+    from detector import SCORERS
+
+    default = SCORERS[name]()
+    assert (default.cls_weight, default.box_weight, default.quality_weight) == (
+        node.cls_weight, node.box_weight, node.quality_weight)
+
+
+def test_every_grid_names_a_baseline_among_its_variants():
+    grid_dir = Path(__file__).parents[2] / "experiments" / "conf" / "grid"
+    for path in sorted(grid_dir.glob("*.yaml")):
+        grid = OmegaConf.load(path).grid
+        if grid.get("variants"):
+            assert grid.baseline in grid.variants, path.name
 
 
 @pytest.mark.parametrize(

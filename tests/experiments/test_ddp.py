@@ -33,11 +33,11 @@ def _batch():
 
 def _losses(images, targets, scorer_name):
     torch.manual_seed(0)
-    scorer = build_scorer(scorer_name)
+    scorer = build_scorer(scorer_name, box_weight=1.0, quality_weight=1.0)
     model = Detector(num_classes=NUM_CLASSES, backbone="resnet18", norm="frozen_bn", frozen_stages=0,
                      fpn_channels=32, num_convs=1, levels=(3, 4, 5, 6), anchor_scale=4.0,
-                     use_quality=scorer.uses_quality_branch)
-    loss = DetectionLoss(assigners.build("iou"), scorer, NUM_CLASSES, box_weight=1.0, quality_weight=1.0)
+                     use_quality=scorer.has_quality_branch)
+    loss = DetectionLoss(assigners.build("max_iou"), scorer, NUM_CLASSES)
     losses, _ = loss(model(images), targets)
     return {k: float(v.detach()) for k, v in losses.items()}
 

@@ -12,8 +12,10 @@ import torch
 from hydra import compose, initialize_config_module
 from pycocotools.coco import COCO
 
+import assigners
 import experiments  # noqa: F401
 import experiments.engine as engine
+import experiments.trainer as trainer
 from experiments.runfiles import METRIC_FIELDS, STATS_FIELDS
 from experiments.train import execute, run_dir_of
 
@@ -41,15 +43,24 @@ def read_stats(run_dir: Path):
 
 @pytest.mark.slow
 def test_tiny_run_writes_the_results_contract(tmp_path):
-    cfg, ov = tiny_cfg(tmp_path, "assigner=iou", "scorer=iou")
+    cfg, ov = tiny_cfg(tmp_path, "assigner=max_iou", "scorer=iou")
     metrics = execute(cfg, ov, raise_on_failure=True)
     run_dir = run_dir_of(cfg)
-    assert run_dir == tmp_path / "results" / "single" / "iou_iou-s0"
+    assert run_dir == tmp_path / "results" / "single" / "max_iou_iou-s0"
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     assert saved["status"] == "done" and saved["error"] is None
     assert set(METRIC_FIELDS) <= set(saved)
-    assert saved["iters"] == 4 and saved["assigner"] == "iou" and saved["scorer"] == "iou"
+    assert saved["iters"] == 4 and saved["assigner"] == "max_iou" and saved["scorer"] == "iou"
+    assert (saved["variant"], saved["variant_id"], saved["seed"]) == ("max_iou+iou", "max_iou_iou", 0)
+    env = saved["environment"]
+    assert set(env["versions"]) >= {"torch", "torchvision", "numpy", "pycocotools"} and env["device"]
+    assert env["threads"] == torch.get_num_threads() and env["device_type"] == "cpu"
+    # the data hash is the sha256 of the train and val annotation files, in that order
+    ann = sorted((tmp_path / "data").glob("*/annotations"))[0]
+    digest = __import__("hashlib").sha256(b"".join(
+        (ann / f"instances_{split}.json").read_bytes() for split in ("train", "val"))).hexdigest()[:16]
+    assert env["data_hash"] == digest
     assert all(0.0 <= saved[k] <= 100.0 for k in ("AP", "AP50", "AP75"))
     assert [p[0] for p in saved["ap_curve"]] == [1, 2, 3, 4]
     assert saved["images_per_second"] > 0 and saved["peak_memory_mb"] > 0
@@ -83,7 +94,7 @@ def test_done_run_is_skipped(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_failure_is_recorded_then_the_rerun_resumes_without_duplicate_rows(tmp_path, monkeypatch):
     cfg, ov = tiny_cfg(tmp_path, "eval.curve_fractions=[1.0]", "schedule.checkpoint_every=2")
-    real = engine._outputs_to_float
+    real = trainer.outputs_to_float
     calls = {"n": 0}
 
     def crash_on_third(out):
@@ -92,7 +103,7 @@ def test_failure_is_recorded_then_the_rerun_resumes_without_duplicate_rows(tmp_p
             raise RuntimeError("injected fault")
         return real(out)
 
-    monkeypatch.setattr(engine, "_outputs_to_float", crash_on_third)
+    monkeypatch.setattr(trainer, "outputs_to_float", crash_on_third)
     execute(cfg, ov, raise_on_failure=False)
     run_dir = run_dir_of(cfg)
     failed = json.loads((run_dir / "metrics.json").read_text())
@@ -100,7 +111,7 @@ def test_failure_is_recorded_then_the_rerun_resumes_without_duplicate_rows(tmp_p
     assert (run_dir / "checkpoints" / "last.pt").exists()
     assert [int(r["iter"]) for r in read_stats(run_dir)] == [1, 2]
 
-    monkeypatch.setattr(engine, "_outputs_to_float", real)
+    monkeypatch.setattr(trainer, "outputs_to_float", real)
     metrics = execute(cfg, ov, raise_on_failure=True)
     assert metrics["status"] == "done" and metrics["iters"] == 4
     assert [int(r["iter"]) for r in read_stats(run_dir)] == [1, 2, 3, 4]
@@ -111,13 +122,13 @@ def test_failure_is_recorded_then_the_rerun_resumes_without_duplicate_rows(tmp_p
 @pytest.mark.slow
 def test_non_finite_loss_fails_the_run_naming_iteration_and_terms(tmp_path, monkeypatch):
     cfg, ov = tiny_cfg(tmp_path, "eval.curve_fractions=[1.0]")
-    real = engine._outputs_to_float
+    real = trainer.outputs_to_float
 
     def poison(out):
         out = real(out)
         return dataclasses.replace(out, cls_logits=out.cls_logits * float("nan"))
 
-    monkeypatch.setattr(engine, "_outputs_to_float", poison)
+    monkeypatch.setattr(trainer, "outputs_to_float", poison)
     with pytest.raises(SystemExit):
         execute(cfg, ov, raise_on_failure=True)
     failed = json.loads((run_dir_of(cfg) / "metrics.json").read_text())
@@ -160,7 +171,7 @@ def _finite_stats(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("assigner", ["iou", "atss", "paa", "fnp", "fsr"])
+@pytest.mark.parametrize("assigner", assigners.available())  # every registered assigner
 def test_every_assigner_trains_with_finite_losses(tmp_path, assigner):
     cfg, ov = tiny_cfg(tmp_path, f"assigner={assigner}", "scorer=iou", "schedule.iters=3",
                        "eval.curve_fractions=[1.0]", "eval.snapshots=false", "model.num_convs=1")

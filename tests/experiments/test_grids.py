@@ -44,6 +44,7 @@ def test_grid_runs_every_variant_and_writes_the_report(grid, tmp_path):
         metrics = json.loads((grid_dir / run / "metrics.json").read_text())
         assert metrics["status"] == "done", (run, metrics["error"])
         assert metrics["iters"] == 2
-    for name in ("table.md", "table.csv", "table.tex", "grid_variants.txt"):
+    for name in ("table.md", "table.csv", "table.tex", "grid.json"):
         assert (grid_dir / name).exists(), name
-    assert len((grid_dir / "grid_variants.txt").read_text().splitlines()) == len(variants)
+    grid_file = json.loads((grid_dir / "grid.json").read_text())
+    assert len(grid_file["variants"]) == len(variants) and grid_file["baseline"] in grid_file["variants"]

@@ -89,3 +89,27 @@ def test_lock_excludes_a_second_process_and_frees_on_release(tmp_path):
     p.start()
     p.join(60)
     assert q.get(timeout=5) is True
+
+
+def test_run_name_round_trips_and_the_config_spells_it_the_same_way():
+    from hydra import compose, initialize_config_module
+
+    import experiments  # noqa: F401  (registers the resolvers)
+    from experiments.runfiles import parse_run_name, run_name
+
+    assert run_name("paa_iou", 3) == "paa_iou-s3"
+    assert parse_run_name("paa_c-s1-s12") == ("paa_c-s1", 12)
+    assert parse_run_name("no-seed") is None
+    with initialize_config_module("experiments.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["+variants=paa_iou", "seed=5"])
+    assert cfg.run_name == run_name(cfg.variant_id, 5) == "paa_iou-s5"
+
+
+def test_new_metrics_has_every_contract_field_and_legacy_assigner_names_map():
+    from experiments.runfiles import canonical_assigner, new_metrics
+
+    metrics = new_metrics(variant="PAA+IoU", variant_id="paa_iou", seed=2, assigner="paa", scorer="iou",
+                          overrides=["seed=2"])
+    assert list(metrics) == METRIC_FIELDS
+    assert (metrics["variant"], metrics["seed"], metrics["AP"], metrics["ap_curve"]) == ("PAA+IoU", 2, None, [])
+    assert canonical_assigner("iou") == "max_iou" and canonical_assigner("atss") == "atss"

@@ -62,7 +62,7 @@ def coco_layout(digits_root: Path, root: Path, edit=None) -> Path:
     return root
 
 
-def failed_metrics(tmp_path: Path, run_name: str = "iou_none-s0") -> dict:
+def failed_metrics(tmp_path: Path, run_name: str = "max_iou_none-s0") -> dict:
     metrics = json.loads((run_dir(tmp_path, run_name) / "metrics.json").read_text())
     assert metrics["status"] == "failed", metrics
     return metrics
@@ -82,7 +82,7 @@ def test_a_missing_val_image_fails_before_iteration_one_naming_path_and_id(tmp_p
     error = failed_metrics(tmp_path)["error"]
     assert error.startswith("DatasetError: instances_val.json: 1 image file(s) missing")
     assert f"{missing} (image id {image['id']})" in error
-    run = run_dir(tmp_path, "iou_none-s0")
+    run = run_dir(tmp_path, "max_iou_none-s0")
     assert not (run / "stats.csv").exists() and not (run / "checkpoints").exists()
 
 
@@ -131,7 +131,7 @@ def test_missing_or_malformed_annotations_fail_before_training_naming_the_file(t
     execute_in_process(tiny_coco_overrides(tmp_path, root))
     error = failed_metrics(tmp_path)["error"]
     assert error.startswith(message.format(root=root)), error
-    assert not (run_dir(tmp_path, "iou_none-s0") / "stats.csv").exists()
+    assert not (run_dir(tmp_path, "max_iou_none-s0") / "stats.csv").exists()
 
 
 # ----------------------------------------------------------------------------- annotations
@@ -179,7 +179,7 @@ def test_a_careless_conversion_trains_with_counted_fixes_and_all_negative_images
     assert not any(m.startswith("instances_val2017.json") for m in messages)  # val needed no fix
     assert metrics["status"] == "done" and metrics["iters"] == 6 and 0.0 <= metrics["AP"] <= 100.0
 
-    run = run_dir(tmp_path, "iou_none-s0")
+    run = run_dir(tmp_path, "max_iou_none-s0")
     assert stats_iters(run) == [1, 2, 3, 4, 5, 6]
     with open(run / "stats.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -227,7 +227,7 @@ def test_cocoeval_ignores_detections_on_crowd_regions_even_without_area_fields(t
 # ----------------------------------------------------------------------------- crowd in training
 
 
-@pytest.mark.parametrize("assigner_name", ["iou", "atss", "paa", "fnp", "fsr"])
+@pytest.mark.parametrize("assigner_name", ["max_iou", "atss", "paa", "fnp", "fsr"])
 def test_negatives_inside_a_crowd_region_leave_the_classification_loss(assigner_name):
     # Zero logits: every non-ignored anchor adds the same focal terms (C negatives, or one positive
     # and C - 1 negatives), so ignoring n negatives lowers the summed loss by n * C * focal_neg.
@@ -254,6 +254,6 @@ def test_negatives_inside_a_crowd_region_leave_the_classification_loss(assigner_
         1 for anchor, label in zip(anchors.tolist(), gt_index) if label == assigners.NEGATIVE and inside_fraction(anchor) >= 0.5
     )
     assert ignored > 0
-    num_pos = max(1, info["num_pos"])
+    num_pos = max(1, int((info["assignment"].gt_index >= 0).sum()))
     expected = plain["loss_cls"].item() - ignored * num_classes * focal_neg / num_pos
     assert crowded["loss_cls"].item() == pytest.approx(expected, rel=1e-5)

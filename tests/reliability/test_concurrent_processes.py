@@ -22,7 +22,7 @@ from . import REPO_ROOT, app_env, run_dir, start_app, stats_iters, tiny_override
 def test_two_processes_on_one_grid_train_each_run_exactly_once(tmp_path):
     overrides = tiny_overrides(tmp_path, "schedule.iters=12")
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    processes = [start_app("-m", *overrides, "assigner=iou,atss", log=log) for log in logs]
+    processes = [start_app("-m", *overrides, "assigner=max_iou,atss", log=log) for log in logs]
     try:
         for process, log in zip(processes, logs):
             assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
@@ -32,7 +32,7 @@ def test_two_processes_on_one_grid_train_each_run_exactly_once(tmp_path):
                 process.kill()
                 process.wait()
     outputs = [log.read_text() for log in logs]
-    for run_name in ("iou_none-s0", "atss_none-s0"):
+    for run_name in ("max_iou_none-s0", "atss_none-s0"):
         run = run_dir(tmp_path, run_name)
         trained = [output.count(f"{run}: AP ") for output in outputs]
         skipped = [
@@ -54,7 +54,7 @@ def test_the_ranks_of_one_torchrun_job_train_the_run_together(tmp_path):
                           text=True, timeout=150)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
-    run = run_dir(tmp_path, "iou_none-s0")
+    run = run_dir(tmp_path, "max_iou_none-s0")
     assert "skipped" not in output
     assert output.count(f"{run}: AP ") == 1  # reported once, by rank 0
     metrics = json.loads((run / "metrics.json").read_text())

@@ -25,7 +25,7 @@ from . import REPO_ROOT, app_env, execute_in_process, run_dir, tiny_overrides, t
 def test_unknown_choices_are_refused_with_the_valid_options(tmp_path):
     results = tmp_path / "results"
     cases = {
-        "assigner=nope": ["atss", "fnp", "fsr", "iou", "paa"],
+        "assigner=nope": ["atss", "fnp", "fsr", "max_iou", "paa"],
         "scorer=nope": ["centerness", "iou", "none"],
         "grid=nope": ["demo", "single", "table1_modules", "table1_separation", "table4_topk_scale"],
     }
@@ -58,7 +58,7 @@ OUT_OF_RANGE = [
     (["assigner=fsr", "assigner.min_score=0.0"], "min_score must be in (0, 1], got 0.0"),
     (["assigner=fsr", "assigner.min_score=1.5"], "min_score must be in (0, 1], got 1.5"),
     (["assigner=fnp", "assigner.num_pos=0"], "num_pos must be a positive int"),
-    (["assigner=iou", "assigner.pos_iou=0.3", "assigner.neg_iou=0.4"], "neg_iou <= pos_iou"),
+    (["assigner=max_iou", "assigner.pos_iou=0.3", "assigner.neg_iou=0.4"], "neg_iou <= pos_iou"),
     (["scorer.name=bogus"], "unknown scorer 'bogus'; valid choices: none, centerness, iou"),
     (["schedule.iters=0"], "schedule.iters must be > 0"),
 ]

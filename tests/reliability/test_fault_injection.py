@@ -37,7 +37,7 @@ def test_repeated_sigkill_and_restart_finishes_the_run_with_complete_files(tmp_p
         tmp_path, f"schedule.iters={ITERS}", "schedule.checkpoint_every=5", "schedule.log_every=1",
         "eval.curve_fractions=[0.5,1.0]",
     )
-    run = run_dir(tmp_path, "iou_none-s0")
+    run = run_dir(tmp_path, "max_iou_none-s0")
     rng = random.Random(SEED)
     log = tmp_path / "train.log"
     row_targets = iter(sorted(rng.sample(range(2, ITERS - 2), KILLS)))

@@ -20,7 +20,8 @@ import re
 import pytest
 import torch
 
-import experiments.engine as engine
+import experiments.build as build
+import experiments.hooks as hooks
 
 from . import execute_in_process, run_app, run_dir, stats_iters, tiny_overrides
 
@@ -33,19 +34,19 @@ NON_FINITE_ERROR = re.compile(
 @pytest.mark.slow
 def test_a_diverging_run_fails_with_iteration_and_terms_and_keeps_its_last_checkpoint(tmp_path, monkeypatch):
     saved: list[tuple[int, bytes]] = []
-    real_save = engine.save_checkpoint
+    real_save = hooks.save_checkpoint
 
     def recording_save(path, state):
         real_save(path, state)
         saved.append((int(state["iter"]), path.read_bytes()))
 
-    monkeypatch.setattr(engine, "save_checkpoint", recording_save)
+    monkeypatch.setattr(hooks, "save_checkpoint", recording_save)
     overrides = tiny_overrides(tmp_path, "schedule.iters=8", "schedule.base_lr=1e6")
     with pytest.raises(SystemExit) as exit_info:
         execute_in_process(overrides, raise_on_failure=True)
     assert exit_info.value.code == 1
 
-    run = run_dir(tmp_path, "iou_none-s0")
+    run = run_dir(tmp_path, "max_iou_none-s0")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["AP"] is None
     match = NON_FINITE_ERROR.match(metrics["error"])
@@ -67,7 +68,7 @@ def test_a_diverging_run_fails_with_iteration_and_terms_and_keeps_its_last_check
 def test_weights_made_non_finite_by_a_step_are_never_checkpointed_or_scored(tmp_path, monkeypatch):
     # A step with a finite loss can still leave Inf in the weights (a huge gradient). The engine checks
     # the weights before each checkpoint and evaluation, so the last good checkpoint stays.
-    real_build = engine.build_optimizer
+    real_build = build.build_optimizer
 
     def build_poisoned_at_step_4(*args, **kwargs):
         optimizer = real_build(*args, **kwargs)
@@ -82,10 +83,10 @@ def test_weights_made_non_finite_by_a_step_are_never_checkpointed_or_scored(tmp_
         optimizer.register_step_post_hook(after_step)
         return optimizer
 
-    monkeypatch.setattr(engine, "build_optimizer", build_poisoned_at_step_4)
+    monkeypatch.setattr(build, "build_optimizer", build_poisoned_at_step_4)
     execute_in_process(tiny_overrides(tmp_path, "schedule.iters=6"))
 
-    run = run_dir(tmp_path, "iou_none-s0")
+    run = run_dir(tmp_path, "max_iou_none-s0")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["AP"] is None
     assert metrics["error"].startswith("NonFiniteWeightsError: non-finite weights after iteration 4: backbone."), (

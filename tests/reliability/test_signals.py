@@ -25,7 +25,7 @@ from . import count_stats_rows, run_dir, start_app, stats_iters, tiny_overrides,
 def test_a_signal_to_the_process_group_checkpoints_exits_and_the_rerun_resumes(tmp_path, signum):
     # One data worker, and the signal goes to the whole group: the worker must not take the run down.
     overrides = tiny_overrides(tmp_path, "schedule.iters=20", "schedule.checkpoint_every=100", "data.num_workers=1")
-    run = run_dir(tmp_path, "iou_none-s0")
+    run = run_dir(tmp_path, "max_iou_none-s0")
     log = tmp_path / "first.log"
     first = start_app(*overrides, log=log, new_session=True)
     try:

@@ -1,0 +1,221 @@
+"""The trainer's hooks, one periodic job each (detectron2's ``engine/hooks.py`` is the model).
+
+The engine registers them in this order, which is also the order they act in after a step:
+``ProgressHook``, ``StatsHook`` (stats.csv rows and log lines), ``FiniteWeightsHook``,
+``EvalHook`` (evaluation, ``ap_curve``), ``SnapshotHook`` (assignment of a fixed val image),
+``CheckpointHook``, ``StopSignalHook`` (SIGINT/SIGTERM -> checkpoint and ``RunInterrupted``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import check_finite_state, save_checkpoint
+from .errors import RunInterrupted
+from .runfiles import LOSS_FIELDS, StatsWriter
+from .trainer import HookBase
+
+log = logging.getLogger("experiments.engine")
+
+
+class ProgressHook(HookBase):
+    """A tqdm bar over the iterations; while it shows, log lines are printed above it."""
+
+    def __init__(self, desc: str, total_batch: int):
+        self.desc, self.total_batch = desc, total_batch
+        self.bar = None
+        self._redirect = contextlib.ExitStack()
+
+    def before_train(self) -> None:
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        state = self.trainer.state
+        self.bar = tqdm(total=state.max_iter, initial=state.iter, desc=self.desc, dynamic_ncols=True, leave=False)
+        self._redirect.enter_context(logging_redirect_tqdm())
+
+    def after_step(self) -> None:
+        step = self.trainer.step_output
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{float(step.total.detach()):.3f}", ips=f"{self.total_batch / step.seconds:.1f}")
+
+    def after_train(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self._redirect.close()
+
+
+class StatsHook(HookBase):
+    """Every ``log_every`` iterations (and the last): one stats.csv row of window means, one log line.
+
+    writer: a ``StatsWriter`` (None on ranks other than 0: they keep no statistics).
+    total_batch: images per step over all processes (for the img/s of the log line).
+    quiet: log the line at DEBUG (a progress bar shows the run) instead of INFO.
+    """
+
+    def __init__(self, writer: StatsWriter | None, log_every: int, total_batch: int, quiet: bool):
+        self.writer = writer
+        self.log_every = max(1, int(log_every))
+        self.total_batch = total_batch
+        self.quiet = quiet
+        self.window: dict[str, list[Any]] = {}
+        self.window_seconds = 0.0
+
+    def after_step(self) -> None:
+        from assigners import assignment_stats
+
+        step, state = self.trainer.step_output, self.trainer.state
+        row: dict[str, Any] = {k: float(v.detach()) for k, v in step.losses.items()}
+        row.update(assignment_stats(step.info["inputs"], step.info["assignment"]))
+        row["assign_ms"] = step.info["assign_ms"]  # an AssignTimer: read when the row is written
+        for k, v in row.items():
+            self.window.setdefault(k, []).append(v)
+        self.window_seconds += step.seconds
+        if state.iter % self.log_every == 0 or state.iter == state.max_iter:
+            if self.writer is not None:
+                self._write(state.iter, state.max_iter)
+            self.window.clear()
+            self.window_seconds = 0.0
+
+    def _write(self, it: int, iters: int) -> None:
+        means = {k: float(np.mean([float(v) for v in values])) for k, values in self.window.items()}
+        self.writer.write({"iter": it, **means})
+        log.log(logging.DEBUG if self.quiet else logging.INFO,
+                "iter %d/%d  loss %.4f (%s)  pos/GT %.2f  GT without pos %g  %.1f img/s",
+                it, iters, sum(means[k] for k in LOSS_FIELDS), "  ".join(
+                    f"{k.removeprefix('loss_')} {means[k]:.4f}" for k in LOSS_FIELDS),
+                means["pos_per_gt_mean"], means["gt_without_pos"],
+                len(self.window["num_gt"]) * self.total_batch / self.window_seconds)
+
+    def after_train(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class StopSignalHook(HookBase):
+    """Turns SIGINT/SIGTERM into a flag; after the step it arrived in, checkpoint and raise RunInterrupted.
+
+    checkpoint: writes the checkpoint (``CheckpointHook.save``).
+    """
+
+    def __init__(self, checkpoint: Callable[[], None]):
+        self.checkpoint = checkpoint
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def before_train(self) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not in the main thread (e.g. a launcher's worker thread)
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def after_step(self) -> None:
+        state = self.trainer.state
+        if self.signum is not None and state.iter < state.max_iter:
+            self.checkpoint()
+            raise RunInterrupted(
+                f"signal {signal.Signals(self.signum).name} at iteration {state.iter}; checkpoint written, "
+                "rerun to resume"
+            )
+
+    def after_train(self) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+
+
+class FiniteWeightsHook(HookBase):
+    """Before anything scores or saves the model (evaluation, checkpoint, stop), check its weights are finite."""
+
+    def __init__(self, eval_iters: frozenset[int], checkpoint_every: int, stop: StopSignalHook):
+        self.eval_iters, self.checkpoint_every, self.stop = eval_iters, int(checkpoint_every), stop
+
+    def after_step(self) -> None:
+        it = self.trainer.state.iter
+        if it in self.eval_iters or it % self.checkpoint_every == 0 or self.stop.signum is not None:
+            check_finite_state(self.trainer.model, it)
+
+
+class EvalHook(HookBase):
+    """At each of ``eval_iters``: evaluate, append [iter, AP] to ``ap_curve``; the last one is the result.
+
+    evaluate: () -> (AP dict, IoU-prediction error or None, COCO results list).
+    """
+
+    def __init__(self, evaluate: Callable[[], tuple[dict, float | None, list]], eval_iters: frozenset[int],
+                 run_name: str, is_main: bool):
+        self.evaluate, self.eval_iters, self.run_name, self.is_main = evaluate, eval_iters, run_name, is_main
+
+    def run(self) -> dict:
+        """Evaluate now; the state keeps the AP, the error and the detections as the latest result."""
+        from .evaluation import summarize_ap
+
+        state = self.trainer.state
+        ap, state.iou_pred_error, state.last_results = self.evaluate()
+        if self.is_main:
+            log.info("[%s] iter %d: %s", self.run_name, state.iter, summarize_ap(ap))
+        return ap
+
+    def after_step(self) -> None:
+        state = self.trainer.state
+        if state.iter in self.eval_iters:
+            ap = self.run()
+            state.ap_curve.append([state.iter, ap["AP"]])
+            if state.iter == state.max_iter:
+                state.final_ap = ap
+
+
+class SnapshotHook(HookBase):
+    """At each of ``eval_iters``: the assignment of a fixed val image into ``assignments.npz``.
+
+    record: (iteration) -> None, writes the snapshot (``experiments.snapshots.record_snapshot``).
+    """
+
+    def __init__(self, record: Callable[[int], None], eval_iters: frozenset[int]):
+        self.record, self.eval_iters = record, eval_iters
+
+    def after_step(self) -> None:
+        it = self.trainer.state.iter
+        if it in self.eval_iters:
+            self.record(it)
+
+
+class CheckpointHook(HookBase):
+    """``checkpoints/last.pt`` at each evaluation and every ``checkpoint_every`` iterations (rank 0 writes)."""
+
+    def __init__(self, path: Path, eval_iters: frozenset[int], checkpoint_every: int, is_main: bool,
+                 barrier: Callable[[], None]):
+        self.path, self.eval_iters, self.checkpoint_every = Path(path), eval_iters, int(checkpoint_every)
+        self.is_main, self.barrier = is_main, barrier
+
+    def save(self) -> None:
+        if self.is_main:
+            save_checkpoint(self.path, self.trainer.checkpoint_state())
+        self.barrier()
+
+    def after_step(self) -> None:
+        it = self.trainer.state.iter
+        if it in self.eval_iters or it % self.checkpoint_every == 0:
+            self.save()
+
+
+__all__ = [
+    "CheckpointHook",
+    "EvalHook",
+    "FiniteWeightsHook",
+    "ProgressHook",
+    "SnapshotHook",
+    "StatsHook",
+    "StopSignalHook",
+]
