@@ -13,11 +13,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The demo grid (IoU+none, ATSS+centerness, PAA+IoU on the quick schedule), then its report.
+# The demo grid (IoU+none, ATSS+centerness, PAA+IoU on the quick schedule), trained into the
+# gitignored results/runs/demo, then its report and a comparison with the committed reference runs
+# of the same configs (results/reference/table1_modules, 3 seeds).
 demo: $(STAMP)
 	$(VENV)/bin/assignbench-data digits
 	$(VENV)/bin/assignbench-train -m grid=demo
-	@echo "demo done: table in results/demo/table.md, plots in results/demo/*.png"
+	$(VENV)/bin/assignbench-compare results/runs/demo results/reference/table1_modules --out results/runs/demo/comparison.md
+	@echo "demo done: table in results/runs/demo/table.md, plots in results/runs/demo/*.png, comparison in results/runs/demo/comparison.md"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -30,3 +33,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.assign
 	$(PY) -m benchmarks.train
 	$(PY) -m benchmarks.eval
+	$(PY) -m benchmarks.bootstrap

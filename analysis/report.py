@@ -2,7 +2,8 @@
 
 ``write_report`` is what the training app calls at the end of a grid; ``main`` is the console
 script (also ``python -m analysis.report``). Outputs, all in ``results/<grid>/``:
-``table.md``, ``table.csv``, ``table.tex`` (analysis.tables), ``positives.png``, ``ap.png``,
+``table.md``, ``table.csv``, ``table.tex`` (analysis.tables: mean ± std over seeds, the paired
+ΔAP [95% CI] against the grid's baseline variant from ``analysis.bootstrap``, the convergence mark), ``positives.png``, ``ap.png``,
 ``ap_curve.png`` and ``assignments.png`` (analysis.plots). A plot without data is skipped with
 a log note; a missing grid directory or a grid without runs raises ``ResultsError``.
 """
@@ -21,6 +22,7 @@ from analysis.runs import (
     ResultsError,
     Run,
     ap_curve_frame,
+    grid_baseline,
     load_runs,
     load_snapshot,
     runs_frame,
@@ -56,7 +58,7 @@ def write_report(grid_dir: Path) -> dict[str, Path]:
     runs = load_runs(grid_dir)
     frame = runs_frame(runs)
     order = variant_order(grid_dir, set(frame["variant"]))
-    written = write_tables(grid_dir, frame, order)
+    written = write_tables(grid_dir, frame, order, grid_runs=runs, baseline=grid_baseline(grid_dir, order))
     plots = {
         "positives.png": lambda path: plot_positives(stats_frame(runs), order, path),
         "ap.png": lambda path: plot_ap(frame, order, path),

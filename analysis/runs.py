@@ -113,7 +113,7 @@ class AssignmentSnapshot:
 # ----------------------------------------------------------------------------- one run
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
     """The run's resolved config as a dict; {} when the file is absent or not a YAML mapping."""
     if not path.is_file():
         return {}
@@ -164,7 +164,7 @@ def _seed(dir_name: str, config: dict[str, Any], metrics: dict[str, Any]) -> int
 def read_run(run_dir: Path) -> Run:
     """Read one run directory; absent or unreadable files never raise, they make the run incomplete."""
     run_dir = Path(run_dir)
-    config = _read_config(run_dir / CONFIG_FILE)
+    config = read_config(run_dir / CONFIG_FILE)
     metrics = read_metrics(run_dir / METRICS_FILE)
     if metrics is None and (run_dir / METRICS_FILE).is_file():
         log.warning("ignoring unreadable %s", run_dir / METRICS_FILE)

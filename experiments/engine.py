@@ -33,6 +33,7 @@ from .checkpoint import load_checkpoint
 from .distributed import DistInfo, barrier, select_device, setup_distributed
 from .environment import describe_environment
 from .errors import ConfigError, NonFiniteLossError, NonFiniteWeightsError, RunInterrupted
+from .matches import compute_matches, save_matches
 from .runfiles import FAILED, RunPaths, StatsWriter, atomic_write_text, new_metrics, write_metrics
 from .trainer import Trainer, TrainState
 
@@ -114,19 +115,27 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
                train_set, val_set, val_base, autocast_dtype)
 
 
-def make_hooks(run: Run, trainer_state: TrainState, val_loader) -> tuple[list, hooks.EvalHook]:
-    """The hooks of a run in their order (``experiments.hooks``), and its evaluation hook."""
+def make_evaluator(run: Run, val_loader):
+    """() -> (AP dict, IoU-prediction error or None, COCO results): the run's model on its val set now."""
     from .evaluation import coco_evaluate, run_inference
-    from .snapshots import record_snapshot
 
-    cfg, paths, dist_info, budget = run.cfg, run.paths, run.dist_info, run.budget
-    inference_cfg = dict(OmegaConf.to_container(cfg.inference, resolve=True))
+    inference_cfg = dict(OmegaConf.to_container(run.cfg.inference, resolve=True))
+    backend = str(run.cfg.eval.backend)
 
     def evaluate():
         results, iou_err = run_inference(run.model, val_loader, run.device, run.scorer, inference_cfg,
                                          run.val_base.label_to_category_id, run.autocast_dtype)
-        barrier(dist_info)  # every process evaluated the full val set; rank 0 scores it
-        return coco_evaluate(run.val_base.coco, results, str(cfg.eval.backend)), iou_err, results
+        barrier(run.dist_info)  # every process evaluated the full val set; rank 0 scores it
+        return coco_evaluate(run.val_base.coco, results, backend), iou_err, results
+
+    return evaluate
+
+
+def make_hooks(run: Run, trainer_state: TrainState, val_loader) -> tuple[list, hooks.EvalHook]:
+    """The hooks of a run in their order (``experiments.hooks``), and its evaluation hook."""
+    from .snapshots import record_snapshot
+
+    cfg, paths, dist_info, budget = run.cfg, run.paths, run.dist_info, run.budget
 
     def snapshot(it: int) -> None:
         record_snapshot(paths.snapshots, run.model, run.assigner, run.val_base, run.device, it,
@@ -137,7 +146,8 @@ def make_hooks(run: Run, trainer_state: TrainState, val_loader) -> tuple[list, h
     checkpoint = hooks.CheckpointHook(paths.checkpoint, budget.eval_iters, int(sched.checkpoint_every),
                                       dist_info.is_main, lambda: barrier(dist_info))
     stop = hooks.StopSignalHook(checkpoint.save)
-    evaluation = hooks.EvalHook(evaluate, budget.eval_iters, paths.run_dir.name, dist_info.is_main)
+    evaluation = hooks.EvalHook(make_evaluator(run, val_loader), budget.eval_iters, paths.run_dir.name,
+                                dist_info.is_main)
     chain = [hooks.ProgressHook(paths.run_dir.name, budget.total_batch)] if show_bar else []
     chain += [
         hooks.StatsHook(writer, int(sched.log_every), budget.total_batch, quiet=show_bar),
@@ -180,7 +190,7 @@ def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
         device_ids = [run.device.index] if run.device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(run.model, device_ids=device_ids)
     loader, val_loader = build_loaders(run.train_set, run.val_set, cfg, run.budget, run.dist_info, state.iter,
-                                       size_divisibility=32)
+                                       size_divisibility=run.model.size_divisibility)
     batches = infinite_batches(loader, int(cfg.seed) * 100003 + state.iter)
     chain, evaluation = make_hooks(run, state, val_loader)
     trainer = Trainer(run.model, train_model, run.criterion, optimizer, scheduler, batches, run.device, state,
@@ -195,8 +205,9 @@ def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
     return finish_run(run, state, list(overrides or []))
 
 
-def finish_run(run: Run, state: TrainState, overrides: list[str]) -> dict[str, Any]:
-    """The run's ``metrics.json`` and ``detections.json`` (rank 0 writes them); returns the metrics."""
+def finish_run(run: Run, state: TrainState, overrides: list[str], **extra: Any) -> dict[str, Any]:
+    """The run's ``metrics.json`` (its fields, then ``extra``), ``detections.json`` and
+    ``eval_matches.npz`` (rank 0 writes them); returns the metrics."""
     ann_files = [run.train_set.ann_file, run.val_base.ann_file]
     metrics = run_metrics(run.cfg, overrides, describe_environment(run.device, ann_files, run.dist_info.world_size))
     metrics.update(state.final_ap)
@@ -211,8 +222,11 @@ def finish_run(run: Run, state: TrainState, overrides: list[str]) -> dict[str, A
         peak_memory_mb=round(peak_memory_mb(run.device), 1),
         ap_curve=state.ap_curve,
     )
+    metrics.update(extra)
     if run.dist_info.is_main:
         # The final detections as COCO results, so any COCO tool can re-score them.
         atomic_write_text(run.paths.detections, json.dumps(state.last_results))
+        # Per-image COCOeval matches of the final detections: what the paired bootstrap CIs resample.
+        save_matches(run.paths.matches, compute_matches(run.val_base.coco, state.last_results))
         write_metrics(run.paths.metrics, metrics)
     return metrics

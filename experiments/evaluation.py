@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torchvision.ops import box_iou
 
+from .matches import no_detections
 from .runfiles import AP_NAMES
 
 BACKENDS = ("pycocotools", "faster")
@@ -35,7 +36,7 @@ def coco_evaluate(coco_gt, results: list[dict[str, Any]], backend: str = "pycoco
 
         gt = coco_gt
         with contextlib.redirect_stdout(io.StringIO()):
-            dt = gt.loadRes(copy.deepcopy(results)) if results else _no_detections(gt)
+            dt = gt.loadRes(copy.deepcopy(results)) if results else no_detections(gt)
             ev = COCOeval(gt, dt, "bbox")
             ev.evaluate()
             ev.accumulate()
@@ -57,17 +58,6 @@ def coco_evaluate(coco_gt, results: list[dict[str, Any]], backend: str = "pycoco
         stats = ev.stats
     # COCOeval reports -1 for an area range without any GT (e.g. APl on small images): null.
     return {name: (float(stats[i]) * 100.0 if stats[i] >= 0 else None) for i, name in enumerate(AP_NAMES)}
-
-
-def _no_detections(coco_gt):
-    """An empty COCO results object over ``coco_gt``'s images and categories (loadRes rejects [])."""
-    from pycocotools.coco import COCO
-
-    dt = COCO()
-    dt.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
-                  "annotations": []}
-    dt.createIndex()
-    return dt
 
 
 def iou_prediction_error(

@@ -86,13 +86,13 @@ def compute_matches(coco_gt, results: list[dict[str, Any]]) -> dict[str, np.ndar
     from pycocotools.cocoeval import COCOeval
 
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(copy.deepcopy(results)) if results else _no_detections(coco_gt)
+        coco_dt = coco_gt.loadRes(copy.deepcopy(results)) if results else no_detections(coco_gt)
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
         evaluator.evaluate()
     return matches_from_eval(evaluator)
 
 
-def _no_detections(coco_gt):
+def no_detections(coco_gt):
     """An empty results ``COCO`` over ``coco_gt``'s images and categories (``loadRes`` rejects [])."""
     from pycocotools.coco import COCO
 

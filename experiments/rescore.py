@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
-from .runfiles import DONE, RunPaths, atomic_write_text, read_metrics, run_name, write_metrics
+from .runfiles import DONE, RunPaths, read_metrics, run_name
 
 RESCORABLE_KEYS = ("inference.", "eval.")
 
@@ -48,7 +48,7 @@ def rescore_run(source_dir: Path, cfg: DictConfig, overrides: list[str]) -> dict
     source run is not done or has no checkpoint.
     """
     from . import engine
-    from .build import build_loaders, check_budget
+    from .build import build_loaders
     from .checkpoint import load_checkpoint
     from .trainer import TrainState
 
@@ -64,23 +64,37 @@ def rescore_run(source_dir: Path, cfg: DictConfig, overrides: list[str]) -> dict
     target = RunPaths(Path(str(cfg.results_root)) / str(cfg.grid.name) / str(cfg.run_name))
     run = engine.build_run(cfg, target.run_dir)
     run.model.load_state_dict(ckpt["model"])
-    budget = check_budget(cfg, run.dist_info)
+    budget = run.budget
     _, val_loader = build_loaders(run.train_set, run.val_set, cfg, budget, run.dist_info, 0,
                                   size_divisibility=run.model.size_divisibility)
     state = TrainState(iter=int(ckpt["iter"]), max_iter=budget.iters, train_seconds=float(ckpt["train_seconds"]))
-    _, evaluation = engine.make_hooks(run, state, val_loader, with_stats=False)
-    evaluation.trainer = type("_Holder", (), {"state": state})()
-    state.final_ap = evaluation.run()
+    state.final_ap, state.iou_pred_error, state.last_results = engine.make_evaluator(run, val_loader)()
     state.ap_curve = [[state.iter, state.final_ap["AP"]]]
     engine.write_resolved_config(target, cfg)
     if source.stats.exists():
         shutil.copyfile(source.stats, target.stats)
-    metrics = engine.finish_run(run, state, overrides)
-    metrics.update(rescored_from=source.run_dir.name, train_seconds=source_metrics.get("train_seconds"),
-                   images_per_second=source_metrics.get("images_per_second"))
-    if run.dist_info.is_main:
-        write_metrics(target.metrics, metrics)
-    return metrics
+    return engine.finish_run(run, state, overrides, rescored_from=source.run_dir.name,
+                             images_per_second=source_metrics.get("images_per_second"))
+
+
+# Keys that may differ between a run and its re-scoring: names, inference, evaluation and bookkeeping.
+NOT_TRAINING_KEYS = ("variant", "variant_id", "run_name", "rescore_from", "inference", "eval", "progress",
+                     "num_threads", "results_root")
+
+
+def check_same_training(source_dir: Path, cfg: DictConfig) -> None:
+    """ConfigError naming the keys where ``cfg`` trains differently from the run in ``source_dir``."""
+    source = OmegaConf.to_container(OmegaConf.load(RunPaths(source_dir).config), resolve=True)
+    target = OmegaConf.to_container(cfg, resolve=True)
+    differ = sorted(
+        key for key in set(source) | set(target)
+        if key not in NOT_TRAINING_KEYS and key != "hydra" and source.get(key) != target.get(key)
+    )
+    if differ:
+        raise ConfigError(
+            f"{cfg.run_name} re-scores {Path(source_dir).name} but trains differently in {', '.join(differ)}; "
+            "only inference.* and eval.* may differ"
+        )
 
 
 def config_for(source_dir: Path, overrides: list[str], variant_id: str, variant: str) -> DictConfig:

@@ -1,6 +1,6 @@
 """``assignbench-train``: the Hydra app that trains and evaluates one run per job.
 
-    assignbench-train data=digits schedule=quick assigner=iou          # results/single/iou+none-s0/
+    assignbench-train data=digits schedule=quick assigner=max_iou      # results/runs/single/max_iou_none-s0/
     assignbench-train -m grid=demo                                     # every variant of a grid
 
 A run whose ``metrics.json`` says done is skipped; an interrupted run resumes from its
@@ -22,7 +22,7 @@ from . import engine
 from .data import DatasetError
 from .distributed import as_on_rank_zero, setup_distributed
 from .errors import ConfigError, NonFiniteLossError, RunInterrupted
-from .runfiles import RunLock, RunPaths, read_metrics, remove_stale_temp_files, run_is_done
+from .runfiles import RunLock, RunPaths, read_metrics, remove_stale_temp_files, run_is_done, run_name
 
 # Failures whose message says all there is to say (which value, file or iteration): no traceback.
 EXPECTED_FAILURES = (ConfigError, DatasetError, NonFiniteLossError)
@@ -30,6 +30,17 @@ EXPECTED_FAILURES = (ConfigError, DatasetError, NonFiniteLossError)
 
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(str(cfg.results_root)) / str(cfg.grid.name) / str(cfg.run_name)
+
+
+def rescore_sibling(cfg: DictConfig, paths: RunPaths, overrides: list[str]) -> dict:
+    """Re-score ``<grid>/<rescore_from>-s<seed>`` into this run; the two must train alike."""
+    from .rescore import check_same_training, rescore_run
+
+    source = paths.run_dir.parent / run_name(str(cfg.rescore_from), int(cfg.seed))
+    if not (source / "config.yaml").is_file():
+        raise ConfigError(f"rescore_from={cfg.rescore_from}: {source} has not run yet (list it before this variant)")
+    check_same_training(source, cfg)
+    return rescore_run(source, cfg, overrides)
 
 
 def _claim_run(paths: RunPaths) -> tuple[str, RunLock | None]:
@@ -69,7 +80,10 @@ def execute(cfg: DictConfig, overrides: list[str], raise_on_failure: bool) -> di
             remove_stale_temp_files(paths.run_dir)  # left by a process killed mid-write; we hold the lock
             engine.write_resolved_config(paths, cfg)
         try:
-            metrics = engine.train_run(cfg, paths.run_dir, overrides)
+            if cfg.get("rescore_from"):  # a variant that re-scores a sibling run's weights (experiments.rescore)
+                metrics = rescore_sibling(cfg, paths, overrides)
+            else:
+                metrics = engine.train_run(cfg, paths.run_dir, overrides)
         except RunInterrupted as exc:
             print(f"[assignbench] {paths.run_dir}: interrupted: {exc}", file=sys.stderr)
             raise SystemExit(130) from None

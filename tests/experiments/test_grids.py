@@ -44,6 +44,11 @@ def test_grid_runs_every_variant_and_writes_the_report(grid, tmp_path):
         metrics = json.loads((grid_dir / run / "metrics.json").read_text())
         assert metrics["status"] == "done", (run, metrics["error"])
         assert metrics["iters"] == 2
+        assert (grid_dir / run / "eval_matches.npz").is_file()
+        source = OmegaConf.load(Path(__file__).parents[2] / "experiments" / "conf" / "variants"
+                                / f"{run.rsplit('-s', 1)[0]}.yaml").get("rescore_from")
+        if source:  # a variant that only changes inference shares its sibling's weights
+            assert metrics["rescored_from"] == f"{source}-s0", run
     for name in ("table.md", "table.csv", "table.tex", "grid.json"):
         assert (grid_dir / name).exists(), name
     grid_file = json.loads((grid_dir / "grid.json").read_text())
