@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analysis.runs import CONFIG_FILE, DONE, ResultsError, Run, read_config, load_runs, variant_order
+from analysis.runs import CONFIG_FILE, DONE, ResultsError, Run, load_runs, read_config, variant_order
 
 SPREAD_STDS = 2.0
 # Config keys that name or place a run rather than define what it trains and evaluates.
