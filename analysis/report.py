@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="assignbench-report",
         description="Write paper-style tables (table.md/.csv/.tex) and plots of one grid's runs into its directory.",
     )
-    parser.add_argument("grid_dir", type=Path, help="a grid's results directory, e.g. results/demo")
+    parser.add_argument("grid_dir", type=Path, help="a grid's results directory, e.g. results/runs/demo")
+    parser.add_argument("--pair", nargs=2, action="append", metavar=("VARIANT", "BASELINE"), default=[],
+                        help="also print the paired ΔAP [95%% CI] of VARIANT against BASELINE (labels; repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -98,7 +100,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for path in written.values():
         print(f"wrote {path}")
+    for variant, baseline in args.pair:
+        print(describe_pair(load_runs(args.grid_dir), variant, baseline))
     return 0
+
+
+def describe_pair(runs: list[Run], variant: str, baseline: str) -> str:
+    """One line: the paired bootstrap ΔAP [95% CI] of ``variant`` against ``baseline``."""
+    from analysis.bootstrap import grid_deltas
+
+    delta = grid_deltas(runs, baseline).get(variant)
+    if delta is None:
+        return f"{variant} − {baseline}: no paired runs with eval_matches.npz"
+    mark = " (CI excludes 0)" if delta.excludes_zero else ""
+    return (f"{variant} − {baseline}: ΔAP {delta.delta_AP:+.2f} [{delta.ci_low:+.2f}, {delta.ci_high:+.2f}]{mark}, "
+            f"{delta.n_seeds} seeds × {delta.n_images} images, {delta.n_resamples} resamples")
 
 
 if __name__ == "__main__":
