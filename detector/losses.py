@@ -217,9 +217,7 @@ class DetectionLoss:
         self.crowd_ignore_iof = crowd_ignore_iof
         self.box_coder = box_coder or BoxCoder()
 
-    def __call__(
-        self, out: DetectorOutput, targets: list[dict[str, Tensor]]
-    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    def _check(self, out: DetectorOutput, targets: list[dict[str, Tensor]]) -> None:
         has_quality = self.scorer.has_quality_branch
         if has_quality != (out.quality is not None):
             raise ValueError(
@@ -229,20 +227,46 @@ class DetectionLoss:
             )
         if len(targets) != out.cls_logits.shape[0]:
             raise ValueError(f"{len(targets)} targets for a batch of {out.cls_logits.shape[0]} images")
-        device = out.cls_logits.device
+
+    def _ignore_crowd_negatives(self, gt_index: Tensor, anchors: Tensor, targets: list[dict[str, Tensor]]) -> Tensor:
+        """(B, A) ``gt_index`` with negatives inside a crowd region (iof >= ``crowd_ignore_iof``) set to IGNORED."""
+        crowd_list = [t.get("crowd_boxes", anchors.new_zeros(0, 4)).reshape(-1, 4) for t in targets]
+        if not any(c.shape[0] > 0 for c in crowd_list):
+            return gt_index
+        crowd_boxes, crowd_mask = pad_boxes(crowd_list, anchors.device)
+        in_crowd = crowd_overlap(anchors.float(), crowd_boxes, crowd_mask) >= self.crowd_ignore_iof
+        return torch.where((gt_index == NEGATIVE) & in_crowd, torch.full_like(gt_index, IGNORED), gt_index)
+
+    def _classification_loss(self, cls_logits: Tensor, gt_index: Tensor, assignment: Assignment,
+                             pos: tuple[Tensor, Tensor, Tensor], num_pos_avg: float) -> Tensor:
+        """Focal loss over the non-ignored anchors; targets 1 (or the soft target) on each positive's class."""
+        pos_image, pos_anchor, pos_labels = pos
+        cls_targets = torch.zeros_like(cls_logits)
+        if assignment.soft_target is not None:
+            cls_targets[pos_image, pos_anchor, pos_labels] = assignment.soft_target[pos_image, pos_anchor].to(
+                cls_targets.dtype
+            )
+        else:
+            cls_targets[pos_image, pos_anchor, pos_labels] = 1.0
+        valid = gt_index != IGNORED
+        return (
+            sigmoid_focal_loss(
+                cls_logits[valid], cls_targets[valid], alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
+            )
+            / num_pos_avg
+        )
+
+    def __call__(
+        self, out: DetectorOutput, targets: list[dict[str, Tensor]]
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        self._check(out, targets)
         anchors = out.anchors
         pred_boxes = self.box_coder.decode(out.box_deltas, anchors)  # (B, A, 4), with grad
         inputs = build_assign_inputs(out, pred_boxes, targets)
         gt_boxes, gt_labels = inputs.gt_boxes, inputs.gt_labels
         assignment, assign_timer = timed_assign(self.assigner, inputs)
         info: dict[str, Any] = {"assign_ms": assign_timer, "inputs": inputs, "assignment": assignment}
-
-        gt_index = assignment.gt_index
-        crowd_list = [t.get("crowd_boxes", gt_boxes.new_zeros(0, 4)).reshape(-1, 4) for t in targets]
-        if any(c.shape[0] > 0 for c in crowd_list):
-            crowd_boxes, crowd_mask = pad_boxes(crowd_list, device)
-            in_crowd = crowd_overlap(anchors.float(), crowd_boxes, crowd_mask) >= self.crowd_ignore_iof
-            gt_index = torch.where((gt_index == NEGATIVE) & in_crowd, torch.full_like(gt_index, IGNORED), gt_index)
+        gt_index = self._ignore_crowd_negatives(assignment.gt_index, anchors, targets)
 
         # Positives: (P,) image and anchor indices, their GT boxes and labels.
         pos_image, pos_anchor = torch.nonzero(gt_index >= 0, as_tuple=True)
@@ -254,22 +278,9 @@ class DetectionLoss:
             anchors[pos_anchor], pred_boxes[pos_image, pos_anchor].detach(), pos_gt_boxes
         )
         num_pos_avg, quality_sum_avg = loss_normalizers(float(pos_anchor.numel()), quality_targets.sum().detach())
-
         cls_logits = out.cls_logits.float()
-        cls_targets = torch.zeros_like(cls_logits)
-        if assignment.soft_target is not None:
-            cls_targets[pos_image, pos_anchor, pos_labels] = assignment.soft_target[pos_image, pos_anchor].to(
-                cls_targets.dtype
-            )
-        else:
-            cls_targets[pos_image, pos_anchor, pos_labels] = 1.0
-        valid = gt_index != IGNORED
-        loss_cls = (
-            sigmoid_focal_loss(
-                cls_logits[valid], cls_targets[valid], alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
-            )
-            / num_pos_avg
-        )
+        loss_cls = self._classification_loss(cls_logits, gt_index, assignment, (pos_image, pos_anchor, pos_labels),
+                                             num_pos_avg)
 
         # PAA Sec. 3.3: box loss weighted by the (detached) quality target, normalised by its sum.
         giou = generalized_box_iou_loss(pred_boxes[pos_image, pos_anchor].float(), pos_gt_boxes, reduction="none")

@@ -9,6 +9,7 @@ The engine registers them in this order, which is also the order they act in aft
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 from collections.abc import Callable
@@ -58,6 +59,11 @@ class StatsHook(HookBase):
     writer: a ``StatsWriter`` (None on ranks other than 0: they keep no statistics).
     total_batch: images per step over all processes (for the img/s of the log line).
     quiet: log the line at DEBUG (a progress bar shows the run) instead of INFO.
+
+    Nothing is read from the device between logged iterations: each step leaves its detached loss
+    terms, its assignment (with the GT and anchors it was made from, without the predictions) and
+    its ``AssignTimer`` in the window, and the row is computed from them when it is written. The
+    values are the same as reading them step by step.
     """
 
     def __init__(self, writer: StatsWriter | None, log_every: int, total_batch: int, quiet: bool):
@@ -65,18 +71,15 @@ class StatsHook(HookBase):
         self.log_every = max(1, int(log_every))
         self.total_batch = total_batch
         self.quiet = quiet
-        self.window: dict[str, list[Any]] = {}
+        self.window: list[tuple[dict, Any, Any, Any]] = []
         self.window_seconds = 0.0
 
     def after_step(self) -> None:
-        from assigners import assignment_stats
-
         step, state = self.trainer.step_output, self.trainer.state
-        row: dict[str, Any] = {k: float(v.detach()) for k, v in step.losses.items()}
-        row.update(assignment_stats(step.info["inputs"], step.info["assignment"]))
-        row["assign_ms"] = step.info["assign_ms"]  # an AssignTimer: read when the row is written
-        for k, v in row.items():
-            self.window.setdefault(k, []).append(v)
+        if self.writer is not None:
+            inputs = dataclasses.replace(step.info["inputs"], cls_logits=None, pred_boxes=None)
+            losses = {k: v.detach() for k, v in step.losses.items()}
+            self.window.append((losses, inputs, step.info["assignment"], step.info["assign_ms"]))
         self.window_seconds += step.seconds
         if state.iter % self.log_every == 0 or state.iter == state.max_iter:
             if self.writer is not None:
@@ -84,15 +87,27 @@ class StatsHook(HookBase):
             self.window.clear()
             self.window_seconds = 0.0
 
+    def _rows(self) -> list[dict[str, float]]:
+        from assigners import assignment_stats
+
+        rows = []
+        for losses, inputs, assignment, timer in self.window:
+            row = {k: float(v) for k, v in losses.items()}
+            row.update(assignment_stats(inputs, assignment))
+            row["assign_ms"] = float(timer)
+            rows.append(row)
+        return rows
+
     def _write(self, it: int, iters: int) -> None:
-        means = {k: float(np.mean([float(v) for v in values])) for k, values in self.window.items()}
+        rows = self._rows()
+        means = {k: float(np.mean([row[k] for row in rows])) for k in rows[0]}
         self.writer.write({"iter": it, **means})
         log.log(logging.DEBUG if self.quiet else logging.INFO,
                 "iter %d/%d  loss %.4f (%s)  pos/GT %.2f  GT without pos %g  %.1f img/s",
                 it, iters, sum(means[k] for k in LOSS_FIELDS), "  ".join(
                     f"{k.removeprefix('loss_')} {means[k]:.4f}" for k in LOSS_FIELDS),
                 means["pos_per_gt_mean"], means["gt_without_pos"],
-                len(self.window["num_gt"]) * self.total_batch / self.window_seconds)
+                len(rows) * self.total_batch / self.window_seconds)
 
     def after_train(self) -> None:
         if self.writer is not None:
