@@ -54,10 +54,6 @@ PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
 # Anchor side in strides: the digits preset's 4 (cpu_r18.yaml) on P2-P6; ATSS/PAA's 8 on P3-P7.
 ANCHOR_SCALE = {(2, 3, 4, 5, 6): 4.0, (3, 4, 5, 6, 7): 8.0}
-SCORER_LOSS_WEIGHTS = {  # experiments/conf/scorer/*.yaml
-    "centerness": dict(cls_weight=1.0, box_weight=2.0, quality_weight=1.0),
-    "iou": dict(cls_weight=1.0, box_weight=1.3, quality_weight=0.5),
-}
 
 Batch = tuple[torch.Tensor, list[dict[str, torch.Tensor]]]
 
@@ -101,9 +97,7 @@ def our_step(levels: tuple[int, ...], assigner: str, scorer: str, device: torch.
         use_quality=True,
     ).to(device)
     model.train()
-    criterion = DetectionLoss(
-        assigners.build(assigner), build_scorer(scorer), NUM_CLASSES, **SCORER_LOSS_WEIGHTS[scorer]
-    )
+    criterion = DetectionLoss(assigners.build(assigner), build_scorer(scorer), NUM_CLASSES)  # the scorer's weights
     optimizer = sgd(model)
 
     def step(batch: Batch) -> None:
@@ -112,7 +106,7 @@ def our_step(levels: tuple[int, ...], assigner: str, scorer: str, device: torch.
         optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         optimizer.step()
-        assign_ms.append(info["assign_ms"])
+        assign_ms.append(info["assign_ms"].ms)
 
     return step
 

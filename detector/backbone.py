@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
+import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum, get_weight
@@ -49,10 +51,35 @@ def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
 
 
 def resolve_weights(weights: str | WeightsEnum | None) -> WeightsEnum | None:
-    """Turn a name such as ``"ResNet50_Weights.IMAGENET1K_V1"`` into torchvision's weights enum."""
-    if weights is None or isinstance(weights, WeightsEnum):
-        return weights
+    """Turn a name such as ``"ResNet50_Weights.IMAGENET1K_V1"`` into torchvision's weights enum.
+
+    A path to a ``.pt`` file is not an enum: ``ResNetBackbone`` loads it itself (returns None here).
+    """
+    if weights is None or isinstance(weights, WeightsEnum) or is_weights_file(weights):
+        return None if not isinstance(weights, WeightsEnum) else weights
     return get_weight(weights)
+
+
+def is_weights_file(weights: object) -> bool:
+    """Whether ``weights`` names a state-dict file (``*.pt``) rather than a torchvision weights enum."""
+    return isinstance(weights, str | Path) and str(weights).endswith(".pt")
+
+
+def load_weights_file(net: nn.Module, path: str | Path) -> None:
+    """Load a torchvision ResNet state dict (as ``torch.save(resnet.state_dict())`` writes it) into ``net``.
+
+    The classifier (``fc.*``) is skipped, since the detector drops it; every other key must match
+    in name and shape, else ValueError names the file and the keys.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path}: not a state dict of this backbone (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]})")
+    net.load_state_dict(state, strict=False)
 
 
 class ResNetBackbone(nn.Module):
@@ -60,8 +87,9 @@ class ResNetBackbone(nn.Module):
 
     Args:
         name: one of ``ARCHITECTURES``.
-        weights: None (random init) or a torchvision weights name/enum, e.g.
-            ``"ResNet50_Weights.IMAGENET1K_V1"``; loaded by torchvision (downloads on first use).
+        weights: None (random init), a torchvision weights name/enum, e.g.
+            ``"ResNet50_Weights.IMAGENET1K_V1"`` (loaded by torchvision, downloads on first use), or
+            a path to a ``.pt`` ResNet state dict (e.g. the digits-pretrained one, ``experiments.pretrain``).
         norm: ``"frozen_bn"`` (FrozenBatchNorm2d, the detection default with pretrained weights),
             ``"bn"`` (trainable BatchNorm2d) or ``"gn"`` (GroupNorm; random init only, since
             ImageNet checkpoints hold BatchNorm statistics).
@@ -88,11 +116,13 @@ class ResNetBackbone(nn.Module):
         if not return_levels or any(level not in (2, 3, 4, 5) for level in return_levels):
             raise ValueError(f"return_levels must be a non-empty subset of (2, 3, 4, 5), got {return_levels}")
         resolved = resolve_weights(weights)
-        if resolved is not None and norm == "gn":
+        if (resolved is not None or is_weights_file(weights)) and norm == "gn":
             raise ValueError(
                 "norm='gn' cannot load ImageNet weights (they hold BatchNorm statistics); use weights=None"
             )
         net = ARCHITECTURES[name](weights=resolved, norm_layer=_norm_layer(norm))
+        if is_weights_file(weights):
+            load_weights_file(net, weights)
 
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4

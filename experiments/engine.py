@@ -93,6 +93,18 @@ class Run:
     autocast_dtype: torch.dtype | None
 
 
+def pretrained_weights(cfg: DictConfig, train_set) -> dict[str, str]:
+    """``{"weights": <path>}`` for ``model.weights=digits`` (built on first use, ``experiments.pretrain``), else {}."""
+    if str(cfg.model.get("weights")) != "digits":
+        return {}
+    if str(cfg.data.name) != "digits":
+        raise ConfigError(f"model.weights=digits needs data=digits (got data={cfg.data.name})")
+    from .pretrain import RECIPE, digits_backbone
+
+    recipe = {**RECIPE, "arch": str(cfg.model.backbone)}
+    return {"weights": str(digits_backbone(Path(train_set.ann_file).parent.parent, recipe))}
+
+
 def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     """Seed, validate and build components, data, model and loss; config and data errors fail here."""
     import assigners  # noqa: F401  (the registry behind cfg.assigner._target_)
@@ -107,7 +119,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     scorer = instantiate(cfg.scorer, "scorer")
     train_set, val_set, val_base = build_datasets(cfg)
     model = instantiate(
-        cfg.model, "model", num_classes=train_set.num_classes, use_quality=scorer.has_quality_branch
+        cfg.model, "model", num_classes=train_set.num_classes, use_quality=scorer.has_quality_branch,
+        **pretrained_weights(cfg, train_set),
     ).to(device)
     criterion = DetectionLoss(assigner, scorer, train_set.num_classes)
     autocast_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.get("amp", True)) else None

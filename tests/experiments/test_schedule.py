@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from experiments.engine import build_optimizer, lr_factor
+from experiments.build import build_optimizer, lr_factor
 
 
 def test_lr_factor_constant_warmup_then_steps():

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.engine import save_checkpoint
+from experiments.checkpoint import save_checkpoint
 from experiments.runfiles import METRIC_FIELDS, write_metrics
 
 directory, version = Path(sys.argv[1]), int(sys.argv[2])
