@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +35,12 @@ class VariantComparison:
 
     @property
     def reference_mean(self) -> float:
-        return sum(self.reference_ap) / len(self.reference_ap) if self.reference_ap else math.nan
+        return statistics.mean(self.reference_ap) if self.reference_ap else math.nan
 
     @property
     def reference_std(self) -> float:
-        n = len(self.reference_ap)
-        if n < 2:
-            return math.nan
-        mean = self.reference_mean
-        return math.sqrt(sum((v - mean) ** 2 for v in self.reference_ap) / (n - 1))
+        """Sample std (n - 1) over the reference seeds; NaN for fewer than two."""
+        return statistics.stdev(self.reference_ap) if len(self.reference_ap) > 1 else math.nan
 
 
 def _done_ap(runs: list[Run], variant: str) -> list[float]:
@@ -58,8 +56,7 @@ def verdict(ap: list[float], reference_ap: list[float]) -> str:
         return "no reference run"
     if len(reference_ap) < 2:
         return "one reference seed: no spread to compare with"
-    mean = sum(reference_ap) / len(reference_ap)
-    std = math.sqrt(sum((v - mean) ** 2 for v in reference_ap) / (len(reference_ap) - 1))
+    mean, std = statistics.mean(reference_ap), statistics.stdev(reference_ap)
     low, high = mean - SPREAD_STDS * std, mean + SPREAD_STDS * std
     outside = [v for v in ap if not low <= v <= high]
     return "within" if not outside else f"outside ({', '.join(f'{v:.1f}' for v in outside)} not in [{low:.1f}, {high:.1f}])"
@@ -85,8 +82,12 @@ def config_differences(run: Run, other: Run) -> tuple[str, ...]:
     return tuple(sorted(k for k in set(keep[0]) | set(keep[1]) if keep[0].get(k) != keep[1].get(k)))
 
 
-def compare(grid_dir: Path, reference_dir: Path) -> list[VariantComparison]:
-    runs, reference = load_runs(grid_dir), load_runs(reference_dir)
+def compare(grid_dir: Path, reference_dir: Path, runs: list[Run] | None = None,
+            reference: list[Run] | None = None) -> list[VariantComparison]:
+    """Per variant of ``grid_dir`` (in its order), its AP against ``reference_dir``'s; ``runs`` and
+    ``reference`` are the two grids' runs when already loaded."""
+    runs = load_runs(grid_dir) if runs is None else runs
+    reference = load_runs(reference_dir) if reference is None else reference
     order = variant_order(grid_dir, {r.variant for r in runs})
     rows = []
     for variant in order:
@@ -98,7 +99,7 @@ def compare(grid_dir: Path, reference_dir: Path) -> list[VariantComparison]:
     return rows
 
 
-def describe_environment(runs: list[Run]) -> str:
+def environment_summary(runs: list[Run]) -> str:
     """The environments of a grid's done runs, one phrase each (runs written before it was recorded say so)."""
     seen = []
     for run in runs:
@@ -116,11 +117,12 @@ def describe_environment(runs: list[Run]) -> str:
     return "; ".join(seen) or "no done runs"
 
 
-def render(grid_dir: Path, reference_dir: Path, rows: list[VariantComparison]) -> str:
+def render(grid_dir: Path, reference_dir: Path, rows: list[VariantComparison], runs: list[Run],
+           reference: list[Run]) -> str:
     lines = [
         f"{grid_dir} against the reference {reference_dir}",
-        f"  here:      {describe_environment(load_runs(grid_dir))}",
-        f"  reference: {describe_environment(load_runs(reference_dir))}",
+        f"  here:      {environment_summary(runs)}",
+        f"  reference: {environment_summary(reference)}",
         "",
         f"| variant | AP here (by seed) | reference AP, mean ± std (seeds) | within mean ± {SPREAD_STDS:g} std? |",
         "|---|---|---|---|",
@@ -146,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the comparison (Markdown) to this file")
     args = parser.parse_args(argv)
     try:
-        text = render(args.grid_dir, args.reference_dir, compare(args.grid_dir, args.reference_dir))
+        runs, reference = load_runs(args.grid_dir), load_runs(args.reference_dir)
+        rows = compare(args.grid_dir, args.reference_dir, runs, reference)
+        text = render(args.grid_dir, args.reference_dir, rows, runs, reference)
     except ResultsError as exc:
         print(f"assignbench-compare: error: {exc}", file=sys.stderr)
         return 1

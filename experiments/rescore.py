@@ -50,6 +50,7 @@ def rescore_run(source_dir: Path, cfg: DictConfig, overrides: list[str]) -> dict
     from . import engine
     from .build import build_loaders
     from .checkpoint import load_checkpoint
+    from .train import run_dir_of
     from .trainer import TrainState
 
     source = RunPaths(source_dir)
@@ -61,13 +62,12 @@ def rescore_run(source_dir: Path, cfg: DictConfig, overrides: list[str]) -> dict
         raise ConfigError(f"{source.run_dir}: no {source.checkpoint.name} to re-score (checkpoints are not committed)")
     if int(ckpt["iter"]) != int(source_metrics["iters"]):
         raise ConfigError(f"{source.checkpoint}: holds iteration {ckpt['iter']}, the run ended at {source_metrics['iters']}")
-    target = RunPaths(Path(str(cfg.results_root)) / str(cfg.grid.name) / str(cfg.run_name))
+    target = RunPaths(run_dir_of(cfg))
     run = engine.build_run(cfg, target.run_dir)
     run.model.load_state_dict(ckpt["model"])
-    budget = run.budget
-    _, val_loader = build_loaders(run.train_set, run.val_set, cfg, budget, run.dist_info, 0,
+    _, val_loader = build_loaders(run.train_set, run.val_set, cfg, run.budget, run.dist_info, 0,
                                   size_divisibility=run.model.size_divisibility)
-    state = TrainState(iter=int(ckpt["iter"]), max_iter=budget.iters, train_seconds=float(ckpt["train_seconds"]))
+    state = TrainState(iter=int(ckpt["iter"]), max_iter=run.budget.iters, train_seconds=float(ckpt["train_seconds"]))
     state.final_ap, state.iou_pred_error, state.last_results = engine.make_evaluator(run, val_loader)()
     state.ap_curve = [[state.iter, state.final_ap["AP"]]]
     engine.write_resolved_config(target, cfg)

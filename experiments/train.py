@@ -37,7 +37,7 @@ def rescore_sibling(cfg: DictConfig, paths: RunPaths, overrides: list[str]) -> d
     from .rescore import check_same_training, rescore_run
 
     source = paths.run_dir.parent / run_name(str(cfg.rescore_from), int(cfg.seed))
-    if not (source / "config.yaml").is_file():
+    if not RunPaths(source).config.is_file():
         raise ConfigError(f"rescore_from={cfg.rescore_from}: {source} has not run yet (list it before this variant)")
     check_same_training(source, cfg)
     return rescore_run(source, cfg, overrides)
