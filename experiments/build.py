@@ -150,11 +150,12 @@ def worker_context(num_workers: int):
 
 
 def build_loaders(train_set, val_set, cfg: DictConfig, budget: Budget, dist_info: DistInfo, start_iter: int,
-                  size_divisibility: int):
-    """(train loader, val loader); both pad images to the model's ``size_divisibility``.
+                  size_divisibility: int, device: torch.device | None = None):
+    """(train batches, val loader); both pad images to the model's ``size_divisibility``.
 
     One process: a seeded RandomSampler whose generator also restarts from ``start_iter`` on
-    resume. torchrun: a DistributedSampler.
+    resume. torchrun: a DistributedSampler. With ``data.resident`` the training batches are
+    ``ResidentBatches`` on ``device`` (images decoded once into device memory) in the same order.
     """
     from functools import partial
 
@@ -162,22 +163,46 @@ def build_loaders(train_set, val_set, cfg: DictConfig, budget: Budget, dist_info
 
     num_workers = int(cfg.data.num_workers)
     pad = partial(collate, size_divisibility=size_divisibility)
+    per_process = len(train_set) // max(1, dist_info.world_size)
+    if per_process < budget.local_batch:  # drop_last would leave every epoch empty: an endless loop
+        raise ConfigError(
+            f"schedule.batch_size={budget.total_batch} needs at least {budget.local_batch} training images per "
+            f"process; {cfg.data.train_split} has {len(train_set)} for {dist_info.world_size} process(es)"
+        )
     if dist_info.world_size > 1:
         sampler = torch.utils.data.distributed.DistributedSampler(train_set, shuffle=True, seed=int(cfg.seed))
         generator = None
     else:
         generator = torch.Generator().manual_seed(int(cfg.seed) + start_iter)
         sampler = torch.utils.data.RandomSampler(train_set, generator=generator)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=budget.local_batch, sampler=sampler, num_workers=num_workers, collate_fn=pad,
-        drop_last=True, persistent_workers=num_workers > 0, generator=generator,
+    if cfg.data.get("resident", False):
+        from experiments.data.resident import ResidentBatches, index_loader
+
+        indices = index_loader(len(train_set), budget.local_batch, sampler, generator)
+        flip_seed = (int(cfg.seed) * 1000003 + start_iter) * max(1, dist_info.world_size) + dist_info.rank
+        loader = ResidentBatches(train_set, indices, device or torch.device("cpu"), size_divisibility, flip_seed,
+                                 num_workers, worker_context(num_workers))
+    else:
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_size=budget.local_batch, sampler=sampler, num_workers=num_workers, collate_fn=pad,
+            drop_last=True, persistent_workers=num_workers > 0, generator=generator,
+            worker_init_fn=ignore_stop_signals, multiprocessing_context=worker_context(num_workers),
+        )
+    return loader, build_val_loader(val_set, cfg, size_divisibility)
+
+
+def build_val_loader(val_set, cfg: DictConfig, size_divisibility: int):
+    """The evaluation DataLoader: in order, ``eval.batch_size`` images, padded to ``size_divisibility``."""
+    from functools import partial
+
+    from experiments.data import collate
+
+    num_workers = int(cfg.data.num_workers)
+    return torch.utils.data.DataLoader(
+        val_set, batch_size=int(cfg.eval.batch_size), shuffle=False, num_workers=num_workers,
+        collate_fn=partial(collate, size_divisibility=size_divisibility),
         worker_init_fn=ignore_stop_signals, multiprocessing_context=worker_context(num_workers),
     )
-    val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=int(cfg.eval.batch_size), shuffle=False, num_workers=num_workers, collate_fn=pad,
-        worker_init_fn=ignore_stop_signals, multiprocessing_context=worker_context(num_workers),
-    )
-    return loader, val_loader
 
 
 def infinite_batches(loader, sampler_seed: int) -> Iterator:
@@ -199,6 +224,7 @@ __all__ = [
     "build_loaders",
     "build_optimization",
     "build_optimizer",
+    "build_val_loader",
     "check_budget",
     "ignore_stop_signals",
     "infinite_batches",

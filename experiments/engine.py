@@ -158,7 +158,7 @@ def make_hooks(run: Run, trainer_state: TrainState, val_loader) -> tuple[list, h
     writer = StatsWriter(paths.stats, resume_iter=trainer_state.iter) if dist_info.is_main else None
     checkpoint = hooks.CheckpointHook(paths.checkpoint, budget.eval_iters, int(sched.checkpoint_every),
                                       dist_info.is_main, lambda: barrier(dist_info))
-    stop = hooks.StopSignalHook(checkpoint.save)
+    stop = hooks.StopSignalHook(checkpoint.save, deadline=float(cfg.deadline) if cfg.get("deadline") else None)
     evaluation = hooks.EvalHook(make_evaluator(run, val_loader), budget.eval_iters, paths.run_dir.name,
                                 dist_info.is_main)
     chain = [hooks.ProgressHook(paths.run_dir.name, budget.total_batch)] if show_bar else []
@@ -203,11 +203,13 @@ def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
         device_ids = [run.device.index] if run.device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(run.model, device_ids=device_ids)
     loader, val_loader = build_loaders(run.train_set, run.val_set, cfg, run.budget, run.dist_info, state.iter,
-                                       size_divisibility=run.model.size_divisibility)
+                                       size_divisibility=run.model.size_divisibility, device=run.device)
     batches = infinite_batches(loader, int(cfg.seed) * 100003 + state.iter)
     chain, evaluation = make_hooks(run, state, val_loader)
+    # On a GPU the host waits for the device only on logged iterations (Trainer.sync_every).
+    sync_every = int(cfg.schedule.log_every) if run.device.type == "cuda" else 1
     trainer = Trainer(run.model, train_model, run.criterion, optimizer, scheduler, batches, run.device, state,
-                      run.autocast_dtype, chain)
+                      run.autocast_dtype, chain, sync_every=sync_every)
     try:
         trainer.train()
         if state.final_ap is None:  # resumed exactly at the end: the last checkpoint was taken after the final eval

@@ -26,4 +26,9 @@ class RunInterrupted(RuntimeError):
     """SIGINT/SIGTERM arrived; a checkpoint was written and the run can be resumed."""
 
 
-__all__ = ["ConfigError", "NonFiniteLossError", "NonFiniteWeightsError", "RunInterrupted"]
+class DeadlineReached(RunInterrupted):
+    """The run's wall-clock ``deadline`` passed: checkpointed like a signal, but the grid goes on (its
+    other runs stop the same way, or do not start), so a GPU slot's grids end on time."""
+
+
+__all__ = ["ConfigError", "DeadlineReached", "NonFiniteLossError", "NonFiniteWeightsError", "RunInterrupted"]

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import check_finite_state, save_checkpoint
-from .errors import RunInterrupted
+from .errors import DeadlineReached, RunInterrupted
 from .runfiles import LOSS_FIELDS, StatsWriter
 from .trainer import HookBase
 
@@ -45,7 +46,8 @@ class ProgressHook(HookBase):
     def after_step(self) -> None:
         step = self.trainer.step_output
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{float(step.total.detach()):.3f}", ips=f"{self.total_batch / step.seconds:.1f}")
+        if step.synced:  # reading the loss of an unsynced step would make the host wait for the device
+            self.bar.set_postfix(loss=f"{float(step.total.detach()):.3f}", ips=f"{self.total_batch / step.seconds:.1f}")
 
     def after_train(self) -> None:
         if self.bar is not None:
@@ -116,12 +118,14 @@ class StatsHook(HookBase):
 
 class StopSignalHook(HookBase):
     """Turns SIGINT/SIGTERM into a flag; after the step it arrived in, checkpoint and raise RunInterrupted.
+    The same after the first step that ends past ``deadline`` (a Unix time), raising DeadlineReached.
 
     checkpoint: writes the checkpoint (``CheckpointHook.save``).
     """
 
-    def __init__(self, checkpoint: Callable[[], None]):
+    def __init__(self, checkpoint: Callable[[], None], deadline: float | None = None):
         self.checkpoint = checkpoint
+        self.deadline = deadline
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
@@ -137,12 +141,17 @@ class StopSignalHook(HookBase):
 
     def after_step(self) -> None:
         state = self.trainer.state
-        if self.signum is not None and state.iter < state.max_iter:
+        if state.iter >= state.max_iter:
+            return
+        if self.signum is not None:
             self.checkpoint()
             raise RunInterrupted(
                 f"signal {signal.Signals(self.signum).name} at iteration {state.iter}; checkpoint written, "
                 "rerun to resume"
             )
+        if self.deadline is not None and time.time() >= self.deadline:
+            self.checkpoint()
+            raise DeadlineReached(f"deadline passed at iteration {state.iter}; checkpoint written, rerun to resume")
 
     def after_train(self) -> None:
         for s, old in self._old.items():

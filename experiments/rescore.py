@@ -48,7 +48,7 @@ def rescore_run(source_dir: Path, cfg: DictConfig, overrides: list[str]) -> dict
     source run is not done or has no checkpoint.
     """
     from . import engine
-    from .build import build_loaders
+    from .build import build_val_loader
     from .checkpoint import load_checkpoint
     from .train import run_dir_of
     from .trainer import TrainState
@@ -65,8 +65,7 @@ def rescore_run(source_dir: Path, cfg: DictConfig, overrides: list[str]) -> dict
     target = RunPaths(run_dir_of(cfg))
     run = engine.build_run(cfg, target.run_dir)
     run.model.load_state_dict(ckpt["model"])
-    _, val_loader = build_loaders(run.train_set, run.val_set, cfg, run.budget, run.dist_info, 0,
-                                  size_divisibility=run.model.size_divisibility)
+    val_loader = build_val_loader(run.val_set, cfg, run.model.size_divisibility)
     state = TrainState(iter=int(ckpt["iter"]), max_iter=run.budget.iters, train_seconds=float(ckpt["train_seconds"]))
     state.final_ap, state.iou_pred_error, state.last_results = engine.make_evaluator(run, val_loader)()
     state.ap_curve = [[state.iter, state.final_ap["AP"]]]
@@ -79,7 +78,7 @@ def rescore_run(source_dir: Path, cfg: DictConfig, overrides: list[str]) -> dict
 
 # Keys that may differ between a run and its re-scoring: names, inference, evaluation and bookkeeping.
 NOT_TRAINING_KEYS = ("variant", "variant_id", "run_name", "rescore_from", "inference", "eval", "progress",
-                     "num_threads", "results_root")
+                     "num_threads", "results_root", "deadline")
 
 
 def check_same_training(source_dir: Path, cfg: DictConfig) -> None:

@@ -10,6 +10,7 @@ checkpoint; a failed run is recorded as failed and, in a multirun, the grid goes
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from omegaconf import DictConfig
 from . import engine
 from .data import DatasetError
 from .distributed import as_on_rank_zero, setup_distributed
-from .errors import ConfigError, NonFiniteLossError, RunInterrupted
+from .errors import ConfigError, DeadlineReached, NonFiniteLossError, RunInterrupted
 from .runfiles import RunLock, RunPaths, read_metrics, remove_stale_temp_files, run_is_done, run_name
 
 # Failures whose message says all there is to say (which value, file or iteration): no traceback.
@@ -80,10 +81,15 @@ def execute(cfg: DictConfig, overrides: list[str], raise_on_failure: bool) -> di
             remove_stale_temp_files(paths.run_dir)  # left by a process killed mid-write; we hold the lock
             engine.write_resolved_config(paths, cfg)
         try:
+            if cfg.get("deadline") and time.time() >= float(cfg.deadline):
+                raise DeadlineReached("deadline passed before the run started")
             if cfg.get("rescore_from"):  # a variant that re-scores a sibling run's weights (experiments.rescore)
                 metrics = rescore_sibling(cfg, paths, overrides)
             else:
                 metrics = engine.train_run(cfg, paths.run_dir, overrides)
+        except DeadlineReached as exc:  # the grid goes on: its later runs stop (or skip) the same way
+            print(f"[assignbench] {paths.run_dir}: stopped: {exc}", file=sys.stderr)
+            return None
         except RunInterrupted as exc:
             print(f"[assignbench] {paths.run_dir}: interrupted: {exc}", file=sys.stderr)
             raise SystemExit(130) from None

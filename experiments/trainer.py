@@ -39,6 +39,7 @@ class StepOutput:
     losses: dict[str, torch.Tensor]
     info: dict[str, Any]
     seconds: float
+    synced: bool = True  # the host waited for the device at the end of this step (values are ready)
 
     @property
     def total(self) -> torch.Tensor:
@@ -78,13 +79,20 @@ class Trainer:
 
     model: the detector (evaluated and checkpointed); train_model: what runs the forward pass (the
     model itself, or its DistributedDataParallel wrapper); criterion: ``DetectionLoss``.
+    sync_every: the host waits for the device, and checks that the losses were finite, every this many
+    iterations (and at the last); 1 checks every step. On a GPU a check per step stalls the launch
+    queue, so the engine sets the logging interval there: a non-finite loss is then reported, with its
+    own iteration and terms, at the next check, having trained at most ``sync_every - 1`` more steps.
     """
 
     def __init__(self, model, train_model, criterion, optimizer, scheduler, batches: Iterator, device: torch.device,
-                 state: TrainState, autocast_dtype: torch.dtype | None = None, hooks: list[HookBase] = ()):
+                 state: TrainState, autocast_dtype: torch.dtype | None = None, hooks: list[HookBase] = (),
+                 sync_every: int = 1):
         self.model, self.train_model, self.criterion = model, train_model, criterion
         self.optimizer, self.scheduler = optimizer, scheduler
         self.batches, self.device, self.state, self.autocast_dtype = batches, device, state, autocast_dtype
+        self.sync_every = max(1, int(sync_every))
+        self._unchecked: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.step_output: StepOutput | None = None
         self.hooks: list[HookBase] = []
         for hook in hooks:
@@ -94,7 +102,8 @@ class Trainer:
     def run_step(self) -> StepOutput:
         """Load a batch, forward, assign + losses, backward, optimiser and LR step; advance ``state.iter``.
 
-        Raises NonFiniteLossError before the backward pass when the total loss is NaN/Inf.
+        Raises NonFiniteLossError when a total loss is NaN/Inf: before this step's backward pass with
+        ``sync_every=1``, else at the next check.
         """
         t0 = time.perf_counter()
         images, targets = next(self.batches)
@@ -104,19 +113,36 @@ class Trainer:
             out = self.train_model(images)
         losses, info = self.criterion(outputs_to_float(out), targets)
         total = sum(losses.values())
-        if not torch.isfinite(total):
-            terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-            raise NonFiniteLossError(f"non-finite loss at iteration {self.state.iter + 1}: {terms}")
+        self._unchecked.append((self.state.iter + 1, {k: v.detach() for k, v in losses.items()}))
+        if self.sync_every == 1:
+            self.check_losses()
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
         self.scheduler.step()
         self.state.iter += 1
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synced = self.state.iter % self.sync_every == 0 or self.state.iter >= self.state.max_iter
+        if synced:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.check_losses()
         seconds = time.perf_counter() - t0
         self.state.train_seconds += seconds
-        return StepOutput(losses, info, seconds)
+        return StepOutput(losses, info, seconds, synced)
+
+    def check_losses(self) -> None:
+        """Raise NonFiniteLossError for the first unchecked step whose total loss is not finite (one
+        device read for all of them)."""
+        steps, self._unchecked = self._unchecked, []
+        if not steps:
+            return
+        totals = torch.stack([sum(losses.values()) for _, losses in steps])
+        finite = torch.isfinite(totals).tolist()
+        if all(finite):
+            return
+        it, losses = steps[finite.index(False)]
+        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+        raise NonFiniteLossError(f"non-finite loss at iteration {it}: {terms}")
 
     def train(self) -> TrainState:
         """Run steps until ``state.max_iter``; ``after_train`` hooks run whatever happens."""

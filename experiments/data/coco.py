@@ -102,36 +102,39 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DatasetError(f"{self.ann_file.name}: {len(missing)} image file(s) missing: {shown}{more}")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        pixels, target = self.load_resized(index, self._draw_min_size())
+        image_tensor = pixels.float().div_(255.0)
+        # torch's RNG (not numpy's): DataLoader workers get distinct torch seeds but copies of numpy's state.
+        if self.train and self.flip_prob > 0 and torch.rand(()).item() < self.flip_prob:
+            image_tensor = image_tensor.flip(-1)
+            width = target["size"][1]
+            target["boxes"] = _hflip_boxes(target["boxes"], width)
+            target["crowd_boxes"] = _hflip_boxes(target["crowd_boxes"], width)
+        return image_tensor, target
+
+    def load_resized(self, index: int, min_size: int | None = None) -> tuple[torch.Tensor, dict]:
+        """Item ``index`` resized for shorter side ``min_size`` (default the first), never flipped, as
+        (3, H, W) uint8 pixels and its target; ``__getitem__`` is this, converted to float and maybe flipped."""
         image_id = self.ids[index]
         image = self._read_image(image_id)
         orig_w, orig_h = image.size
-
-        min_size = self._draw_min_size()
+        min_size = self.min_sizes[0] if min_size is None else int(min_size)
         scale = min(min_size / min(orig_h, orig_w), self.max_size / max(orig_h, orig_w))
         new_h, new_w = max(1, round(orig_h * scale)), max(1, round(orig_w * scale))
         if (new_w, new_h) != (orig_w, orig_h):
             image = image.resize((new_w, new_h), Image.BILINEAR)
         box_scale = np.array([new_w / orig_w, new_h / orig_h] * 2, dtype=np.float32)
-        boxes = torch.from_numpy(self._boxes[image_id] * box_scale)
-        crowd_boxes = torch.from_numpy(self._crowd_boxes[image_id] * box_scale)
-
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
-        image_tensor = pixels.permute(2, 0, 1).float().div_(255.0)
-        # torch's RNG (not numpy's): DataLoader workers get distinct torch seeds but copies of numpy's state.
-        if self.train and self.flip_prob > 0 and torch.rand(()).item() < self.flip_prob:
-            image_tensor = image_tensor.flip(-1)
-            boxes, crowd_boxes = _hflip_boxes(boxes, new_w), _hflip_boxes(crowd_boxes, new_w)
-
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
         target = {
-            "boxes": boxes,
+            "boxes": torch.from_numpy(self._boxes[image_id] * box_scale),
             "labels": torch.from_numpy(self._labels[image_id].copy()),
-            "crowd_boxes": crowd_boxes,
+            "crowd_boxes": torch.from_numpy(self._crowd_boxes[image_id] * box_scale),
             "image_id": int(image_id),
             "orig_size": (orig_h, orig_w),
             "size": (new_h, new_w),
             "scale": float(scale),
         }
-        return image_tensor, target
+        return pixels, target
 
     def _draw_min_size(self) -> int:
         if not self.train or len(self.min_sizes) == 1:

@@ -201,3 +201,11 @@ def test_every_scorer_trains_and_reports_its_fields(tmp_path, scorer, voting):
         assert metrics["iou_pred_error"] is not None and 0.0 <= metrics["iou_pred_error"] <= 1.0
     else:
         assert metrics["iou_pred_error"] is None
+
+
+def test_a_run_whose_deadline_has_passed_does_not_start(tmp_path, capsys):
+    cfg, ov = tiny_cfg(tmp_path, "deadline=1")  # 1970
+    assert execute(cfg, ov, raise_on_failure=True) is None
+    assert "stopped: deadline passed before the run started" in capsys.readouterr().err
+    run_dir = run_dir_of(cfg)
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
