@@ -102,3 +102,11 @@ def test_coco_schedules_resolve_to_the_papers_values(schedule, iters, steps, min
 def test_gpu_digits_schedule_enlarges_the_images():
     cfg = _compose(["schedule=gpu_digits"])
     assert cfg.data.digits.image_size == 256 and cfg.schedule.min_size == 256
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_each_grid_sweeps_the_seeds_its_file_sets(grid):
+    # config.yaml's own values come last (_self_); a `seeds` there silently replaced every grid's.
+    written = OmegaConf.load(CONF / "grid" / f"{grid}.yaml").get("seeds")
+    assert written is not None, f"conf/grid/{grid}.yaml sets no seeds"
+    assert list(_compose([f"grid={grid}"]).seeds) == list(written)
