@@ -55,18 +55,7 @@ fi
 
 WORK=${GPU_CHECK_WORK:-${TMPDIR:-/tmp}/assignbench-gpu-check}
 [[ $MODE == dry ]] && WORK=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/assignbench-gpu-dry.XXXXXX")}
-REPORT=${OUT:-$WORK}
-mkdir -p "$WORK" "$REPORT"
-LOG=$REPORT/gpu_check.log
-SUMMARY=$REPORT/summary.txt
-: >"$LOG"
-: >"$SUMMARY"
-exec > >(tee -a "$LOG") 2>&1
-
-export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1
-export ASSIGNBENCH_DATA=$WORK/data
-RESULTS=$WORK/results
+open_report gpu_check.log
 GRID=${GPU_CHECK_GRID:-demo}
 JOBS=${GPU_CHECK_JOBS:-1}
 FAILED=0

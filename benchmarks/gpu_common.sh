@@ -1,5 +1,5 @@
 # Shell functions shared by benchmarks/gpu_check.sh and benchmarks/gpu_reference.sh (sourced, not run).
-# The caller sets REPO, WORK, SUMMARY, NEEDED_MODULES and FAILED, and runs from the repository root.
+# The caller sets REPO, WORK, NEEDED_MODULES and FAILED, and runs from the repository root.
 
 # Versions the GPU machine gets: those of the local .venv when there is one, else these.
 WHEEL_PINS=(hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 pycocotools==2.0.11 faster-coco-eval==1.8.0)
@@ -71,4 +71,20 @@ setup_python() {
     fi
     export PYTHONPATH=$PYTHONPATH:$site
     has_packages python3 && PY=$(command -v python3)
+}
+
+# open_report LOG_NAME: the report folder REPORT ($OUT, else $WORK) with LOG_NAME and summary.txt (SUMMARY),
+# all later output teed into the log, and the environment the sections run in (RESULTS under $WORK).
+open_report() {
+    REPORT=${OUT:-$WORK}
+    mkdir -p "$WORK" "$REPORT"
+    LOG=$REPORT/$1
+    SUMMARY=$REPORT/summary.txt
+    : >"$LOG"
+    : >"$SUMMARY"
+    exec > >(tee -a "$LOG") 2>&1
+    export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONUNBUFFERED=1
+    export ASSIGNBENCH_DATA=$WORK/data
+    RESULTS=$WORK/results
 }

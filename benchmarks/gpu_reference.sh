@@ -37,18 +37,7 @@ done
 source benchmarks/gpu_common.sh
 
 WORK=${GPU_CHECK_WORK:-${TMPDIR:-/tmp}/assignbench-gpu-reference}
-REPORT=${OUT:-$WORK}
-mkdir -p "$WORK" "$REPORT"
-LOG=$REPORT/gpu_reference.log
-SUMMARY=$REPORT/summary.txt
-: >"$LOG"
-: >"$SUMMARY"
-exec > >(tee -a "$LOG") 2>&1
-
-export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1
-export ASSIGNBENCH_DATA=$WORK/data
-RESULTS=$WORK/results
+open_report gpu_reference.log
 PRIOR=${GPU_REFERENCE_PRIOR:-$REPO/results/reference/gpu}
 GRIDS=${GPU_REFERENCE_GRIDS:-table1_modules table1_separation table1_fnp_fsr table4_topk_scale}
 SEEDS=${GPU_REFERENCE_SEEDS:-[0,1,2]}
