@@ -24,27 +24,6 @@ fetch_wheels() {
     echo "carry .whl to the GPU machine (run's carry: [\".whl\"])"
 }
 
-# capped SECONDS COMMAND...: run COMMAND in its own process group; after SECONDS send SIGTERM to the whole
-# group (a launcher's worker processes too: `timeout` signals only its child, and joblib's loky workers
-# outlived it, training on), SIGKILL 20 s later. Returns COMMAND's status, or 124 when the cap stopped it.
-capped() {
-    local cap=$1 pid watcher flag
-    shift
-    flag=$(mktemp)
-    setsid "$@" &
-    pid=$!
-    ( sleep "$cap"; echo stopped >"$flag"; kill -TERM -- "-$pid" 2>/dev/null; sleep 20; kill -KILL -- "-$pid" 2>/dev/null ) &
-    watcher=$!
-    local status=0
-    wait "$pid" || status=$?
-    kill "$watcher" 2>/dev/null || true
-    wait "$watcher" 2>/dev/null || true
-    kill -KILL -- "-$pid" 2>/dev/null || true  # whatever of the group is left
-    [[ -s $flag ]] && status=124
-    rm -f "$flag"
-    return "$status"
-}
-
 # section NAME CAP_SECONDS COMMAND...: run, time and record one section; a failure does not stop the
 # others. A command is stopped after CAP_SECONDS; a shell function of this script runs uncapped.
 section() {
@@ -58,7 +37,7 @@ section() {
         "$@"
     else
         echo "=== $name (stopped after ${cap}s) ==="
-        capped "$cap" "$@"
+        timeout "$cap" "$@"
     fi
     status=$?
     set -e
