@@ -49,7 +49,8 @@ def test_gpu_check_grid_only_with_parallel_jobs(tmp_path):
     assert [line.split()[0] for line in summary] == ["env", "grid", "table"]
     assert "hydra/launcher=joblib" in (out / "gpu_check.log").read_text()
     runs = (out / "table1_separation_runs.txt").read_text().splitlines()
-    assert sorted(line.split()[0] for line in runs) == [f"paa_{s}_iou-s0" for s in "abcd"]
+    # the grid file's seeds, [0, 1]
+    assert sorted(line.split()[0] for line in runs) == sorted(f"paa_{s}_iou-s{seed}" for s in "abcd" for seed in (0, 1))
     assert all(" done " in line for line in runs), runs
     assert (out / "table1_separation_table.md").is_file()
     with tarfile.open(out / "table1_separation_results.tgz") as archive:
