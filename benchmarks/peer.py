@@ -62,12 +62,12 @@ def build_fcos(cfg, num_classes: int, weights: str | None) -> FCOS:
 
 
 def _results(outputs, targets, label_to_category_id) -> list[dict]:
+    """FCOS's detections (resized-image xyxy) as COCO results, by the conversion our evaluation uses."""
+    from experiments.evaluation import detections_to_coco
+
     rows = []
     for out, target in zip(outputs, targets):
-        boxes = out["boxes"] / float(target["scale"])  # back to original pixels
-        for box, score, label in zip(boxes.tolist(), out["scores"].tolist(), out["labels"].tolist()):
-            rows.append({"image_id": int(target["image_id"]), "category_id": int(label_to_category_id[label]),
-                         "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": float(score)})
+        rows += detections_to_coco(out, target["image_id"], float(target["scale"]), label_to_category_id)
     return rows
 
 

@@ -289,6 +289,12 @@ def _hflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
     return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
+def padded_size(height: int, width: int, size_divisibility: int) -> tuple[int, int]:
+    """(height, width) rounded up to multiples of ``size_divisibility`` (the coarsest FPN stride)."""
+    step = max(1, int(size_divisibility))
+    return -(-height // step) * step, -(-width // step) * step
+
+
 def collate(batch: list[tuple[torch.Tensor, dict]], size_divisibility: int = 32) -> tuple[torch.Tensor, list[dict]]:
     """Stack ``(image, target)`` items into ``(images (B, 3, Hp, Wp), targets)``.
 
@@ -297,10 +303,8 @@ def collate(batch: list[tuple[torch.Tensor, dict]], size_divisibility: int = 32)
     """
     if not batch:
         raise ValueError("collate needs at least one item")
-    step = max(1, int(size_divisibility))
-    height = max(image.shape[1] for image, _ in batch)
-    width = max(image.shape[2] for image, _ in batch)
-    height, width = -(-height // step) * step, -(-width // step) * step
+    height, width = padded_size(max(image.shape[1] for image, _ in batch), max(image.shape[2] for image, _ in batch),
+                                size_divisibility)
     images = batch[0][0].new_zeros((len(batch), 3, height, width))
     for slot, (image, _) in enumerate(batch):
         images[slot, :, : image.shape[1], : image.shape[2]] = image

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .coco import DatasetError, _hflip_boxes
+from .coco import DatasetError, _hflip_boxes, padded_size
 
 __all__ = ["ResidentBatches", "index_loader", "resident_images"]
 
@@ -101,10 +101,8 @@ class ResidentBatches:
         self.flip_prob = float(dataset.flip_prob) if dataset.train else 0.0
         self.flip_generator = torch.Generator().manual_seed(int(flip_seed))
         self.pixels, targets = resident_images(dataset, device, num_workers, context)
-        _, _, height, width = self.pixels.shape
-        step = max(1, int(size_divisibility))
-        self.padded = (-(-height // step) * step, -(-width // step) * step)
-        self.width = width
+        _, _, height, self.width = self.pixels.shape
+        self.padded = padded_size(height, self.width, size_divisibility)
         self.targets = [
             {**t, "boxes": t["boxes"].to(device), "labels": t["labels"].to(device),
              "crowd_boxes": t["crowd_boxes"].to(device)}
