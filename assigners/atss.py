@@ -44,6 +44,25 @@ def smallest_k_indices(values: Tensor, k: int) -> Tensor:
     return index.sort(dim=-1).values
 
 
+def resolve_by_highest(candidate: Tensor, positive: Tensor, score: Tensor, num_anchors: int) -> Tensor:
+    """(B, A) GT slot each anchor goes to, G where none: of the GTs it is positive for, the one of
+    highest ``score`` (ties: the lowest GT index).
+
+    candidate: (B, G, K) anchor indices per GT; positive: (B, G, K) bool; score: (B, G, K) float,
+    the value compared between competing GTs (ATSS: anchor IoU; TAL: predicted-box IoU).
+    """
+    b, g, k = candidate.shape
+    flat_anchor = candidate.reshape(b, g * k)
+    positive_score = torch.where(positive, score, float("-inf")).reshape(b, g * k)
+    best = torch.full((b, num_anchors), float("-inf"), dtype=score.dtype, device=score.device)
+    best.scatter_reduce_(1, flat_anchor, positive_score, reduce="amax")
+    is_best = positive.reshape(b, g * k) & (positive_score == best.gather(1, flat_anchor))
+    gt_of_entry = torch.arange(g, device=score.device).repeat_interleave(k).expand(b, g * k)
+    winner = torch.full((b, num_anchors), g, dtype=torch.int64, device=score.device)
+    winner.scatter_reduce_(1, flat_anchor, torch.where(is_best, gt_of_entry, g), reduce="amin")
+    return winner
+
+
 @register_assigner("atss", uses_predictions=False)
 class ATSSAssigner(Assigner):
     """ATSS; see the module docstring. topk: candidates per GT per level (paper: 9)."""
@@ -92,15 +111,7 @@ class ATSSAssigner(Assigner):
 
         # Step 4: an anchor positive for several GTs takes the one of highest IoU, then
         # the lowest GT index among equal IoUs.
-        flat_anchor = candidate.reshape(b, g * k)
-        positive_iou = torch.where(positive, iou, float("-inf")).reshape(b, g * k)
-        best_iou = torch.full((b, a), float("-inf"), dtype=iou.dtype, device=device)
-        best_iou.scatter_reduce_(1, flat_anchor, positive_iou, reduce="amax")
-        is_best = positive.reshape(b, g * k) & (positive_iou == best_iou.gather(1, flat_anchor))
-        gt_of_entry = torch.arange(g, device=device).repeat_interleave(k).expand(b, g * k)
-        winner = torch.full((b, a), g, dtype=torch.int64, device=device)
-        winner.scatter_reduce_(1, flat_anchor, torch.where(is_best, gt_of_entry, g), reduce="amin")
+        winner = resolve_by_highest(candidate, positive, iou, a)
         return Assignment(gt_index=torch.where(winner < g, winner, NEGATIVE))
 
-
-__all__ = ["ATSSAssigner", "smallest_k_indices"]
+__all__ = ["ATSSAssigner", "resolve_by_highest", "smallest_k_indices"]

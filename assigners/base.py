@@ -8,6 +8,9 @@ validated once, in its constructor; the functions it calls assume valid paramete
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,6 +21,9 @@ from .geometry import batched_box_iou
 
 NEGATIVE = -1
 IGNORED = -2
+# (GT slot, anchor) pairs an assigner with dense (B, G, A) costs handles at once: 8M pairs is 32 MiB
+# per float32 matrix (``assign_in_image_chunks``).
+DENSE_MAX_PAIRS = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,14 @@ class AssignInputs:
     @property
     def num_gt_slots(self) -> int:
         return self.gt_boxes.shape[1]
+
+    def require_strides(self, who: str) -> None:
+        """Raise a clear error when an assigner with a centre prior measured in strides gets none."""
+        if self.strides is None:
+            raise ValueError(
+                f"assigner '{who}' measures its centre prior in strides and needs AssignInputs.strides "
+                "(one stride per level); got None"
+            )
 
     def require_predictions(self, who: str) -> None:
         """Raise a clear error when a prediction-aware assigner gets no predictions."""
@@ -150,11 +164,83 @@ class Assigner:
         """The assignment of ``inputs``; predictions are present when ``uses_predictions``."""
         raise NotImplementedError
 
+    def set_iteration(self, iteration: int) -> None:
+        """Told the training iteration before each step; assigners with a schedule (TAL's ATSS
+        warm-up) override this, the others ignore it."""
+
+
+def all_negative(inputs: AssignInputs, *, soft_target: bool = False) -> Assignment:
+    """Every anchor negative (no GT slot, no anchor, or no real GT); ``soft_target`` adds a (B, A)
+    zero soft target in the GT boxes' dtype, for assigners that always give one."""
+    b, a, device = inputs.batch_size, inputs.anchors.shape[0], inputs.anchors.device
+    return Assignment(
+        gt_index=torch.full((b, a), NEGATIVE, dtype=torch.int64, device=device),
+        soft_target=torch.zeros(b, a, dtype=inputs.gt_boxes.dtype, device=device) if soft_target else None,
+    )
+
 
 def check_positive_int(value: int, name: str) -> None:
     """Raise ValueError unless ``value`` is a positive int (a bool is not); ``name`` names it."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int (1, 2, ...), got {value!r}")
+
+
+def check_real(value: float, name: str, *, low: float = 0.0, low_inclusive: bool = True,
+               high: float | None = None) -> float:
+    """``value`` as a float; ValueError naming ``name`` unless it is a finite real (not a bool) in
+    [low, high] (or (low, high] when not ``low_inclusive``; no upper bound when ``high`` is None)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (value == low and not low_inclusive) or (high is not None and value > high):
+        bracket = "[" if low_inclusive else "("
+        upper = f"{high}]" if high is not None else "inf)"
+        raise ValueError(f"{name} must be in {bracket}{low}, {upper}, got {value!r}")
+    return float(value)
+
+
+def anchor_strides(inputs: AssignInputs, who: str) -> Tensor:
+    """(A,) stride in pixels of each anchor's level, in the anchors' dtype and device.
+
+    Raises ValueError naming ``who`` when ``inputs.strides`` is None (``require_strides``).
+    """
+    inputs.require_strides(who)
+    counts = torch.tensor(inputs.num_anchors_per_level, device=inputs.anchors.device)
+    strides = torch.tensor([float(s) for s in inputs.strides], dtype=inputs.gt_boxes.dtype, device=inputs.anchors.device)
+    return strides.repeat_interleave(counts)
+
+
+def assign_in_image_chunks(
+    assign: Callable[[AssignInputs], Assignment], inputs: AssignInputs, max_pairs: int
+) -> Assignment:
+    """``assign(inputs)`` run on consecutive groups of images, each with at most ``max_pairs`` (GT slot,
+    anchor) pairs (at least one image per group), and the results concatenated along the batch.
+
+    Images are independent for every assigner, so the result equals one call on the whole batch;
+    what it bounds is the memory of the (B, G, A) cost matrices of the dense-cost assigners
+    (200 GTs x 20k anchors is 4M pairs per image).
+    """
+    b, g, a = inputs.batch_size, inputs.num_gt_slots, inputs.anchors.shape[0]
+    per_group = max(1, max_pairs // max(1, g * a))
+    if per_group >= b:
+        return assign(inputs)
+    parts = []
+    for start in range(0, b, per_group):
+        images = slice(start, start + per_group)
+        parts.append(assign(dataclasses.replace(
+            inputs,
+            gt_boxes=inputs.gt_boxes[images],
+            gt_labels=inputs.gt_labels[images],
+            gt_mask=inputs.gt_mask[images],
+            cls_logits=None if inputs.cls_logits is None else inputs.cls_logits[images],
+            pred_boxes=None if inputs.pred_boxes is None else inputs.pred_boxes[images],
+        )))
+
+    def joined(field: str) -> Tensor | None:
+        values = [getattr(part, field) for part in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return Assignment(gt_index=joined("gt_index"), num_candidates=joined("num_candidates"),
+                      soft_target=joined("soft_target"))
 
 
 def gt_anchor_iou(inputs: AssignInputs) -> Tensor:
@@ -163,6 +249,17 @@ def gt_anchor_iou(inputs: AssignInputs) -> Tensor:
     anchors = inputs.anchors.to(inputs.gt_boxes.dtype)
     iou = batched_box_iou(inputs.gt_boxes, anchors.unsqueeze(0).expand(b, -1, -1))
     return iou.masked_fill_(~inputs.gt_mask.unsqueeze(-1), -1.0)
+
+
+def predicted_iou(inputs: AssignInputs) -> Tensor:
+    """(B, G, A) IoU of every GT slot with every anchor's predicted box, in the GT boxes' dtype.
+
+    Plain ``box_iou`` semantics; values that are not finite (NaN predictions) count as 0, and the
+    result is clamped to [0, 1] (an inverted predicted box has a negative area), so that costs such
+    as -log(IoU) stay defined.
+    """
+    pred = inputs.pred_boxes.to(inputs.gt_boxes.dtype)
+    return batched_box_iou(inputs.gt_boxes, pred).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).clamp_(0.0, 1.0)
 
 
 def assignment_stats(inputs: AssignInputs, assignment: Assignment) -> dict[str, float]:
@@ -196,12 +293,18 @@ def assignment_stats(inputs: AssignInputs, assignment: Assignment) -> dict[str, 
 
 
 __all__ = [
+    "DENSE_MAX_PAIRS",
     "IGNORED",
     "NEGATIVE",
     "AssignInputs",
     "Assigner",
     "Assignment",
+    "all_negative",
     "assignment_stats",
+    "anchor_strides",
+    "assign_in_image_chunks",
     "check_positive_int",
+    "check_real",
     "gt_anchor_iou",
+    "predicted_iou",
 ]

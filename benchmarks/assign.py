@@ -12,8 +12,13 @@ box is the GT jittered in proportion to how poorly the anchor overlaps it and it
 raised; elsewhere the box is the anchor jittered at random, and every logit is the focal prior
 (p = 0.01) plus noise.
 
-Timed: ``max_iou``, ``atss``, ``fnp``, ``fsr`` and ``paa`` with their defaults (PAA scheme c), PAA three
-ways: ``paa-torch`` (the batched GMM), ``paa-sklearn`` (the assigner's ``gmm_backend="sklearn"``: one
+A third batch, ``dense``, is the COCO-like one with 200 GT per image (``coco_like_batch(gt_per_image=200)``):
+there each assigner is timed once and its peak memory growth is checked against 2 GiB (the dense-cost
+assigners, TAL, SimOTA, OTA and DSL, hold (B, G, A) costs; the first three and DSL assign in groups of
+images bounded by ``assigners.base.DENSE_MAX_PAIRS``).
+
+Timed: ``max_iou``, ``atss``, ``fnp``, ``fsr``, ``paa`` (PAA scheme c), ``tal``, ``simota``, ``ota`` and
+``dsl`` with their defaults, PAA three ways: ``paa-torch`` (the batched GMM), ``paa-sklearn`` (the assigner's ``gmm_backend="sklearn"``: one
 sklearn GaussianMixture per GT, everything else batched as in ``paa-torch``) and ``paa-official``
 (``official_paa``: the official code's per-image, per-GT loops, with its per-level top-k, its
 GaussianMixture and its labelling per GT, on our anchor loss). Printed: ms per batch of each,
@@ -24,6 +29,7 @@ memory growth.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -50,7 +56,15 @@ CASES = {
     "fsr": dict(name="fsr"),
     "paa-torch": dict(name="paa", gmm_backend="torch"),
     "paa-sklearn": dict(name="paa", gmm_backend="sklearn"),
+    "tal": dict(name="tal"),
+    "simota": dict(name="simota"),
+    "ota": dict(name="ota"),
+    "dsl": dict(name="dsl"),
 }
+DENSE_GT = 200  # GT per image of the ``dense`` batch
+DENSE_MEMORY_MIB = 2048.0  # the most extra memory an assigner may take on it (CPU)
+# Too slow to time on the dense batch (one sklearn fit per GT, 3200 GTs); they are timed on the others.
+NOT_ON_DENSE = ("paa-sklearn", "paa-official")
 PRIOR_LOGIT = -math.log((1 - 0.01) / 0.01)
 DIGITS_STRIDES = (4, 8, 16, 32, 64)
 COCO_STRIDES = (8, 16, 32, 64, 128)
@@ -69,6 +83,7 @@ def noisy_predictions(
     targets: list[dict[str, torch.Tensor]],
     num_classes: int,
     generator: torch.Generator,
+    strides: tuple[int, ...],
 ) -> AssignInputs:
     """AssignInputs for ``targets`` on CPU with predictions of a half-trained detector (module docstring)."""
     gt_boxes, gt_labels, gt_mask = pad_targets(targets)
@@ -89,16 +104,19 @@ def noisy_predictions(
     near_box = target + jitter * target_side * torch.randn(b, a, 4, generator=generator)
     far_box = anchors + 0.3 * anchor_side * torch.randn(b, a, 4, generator=generator)
     pred_boxes = torch.where(near.unsqueeze(-1), near_box, far_box)
-    return AssignInputs(anchors, counts, gt_boxes, gt_labels, gt_mask, cls_logits, pred_boxes)
+    return AssignInputs(anchors, counts, gt_boxes, gt_labels, gt_mask, cls_logits, pred_boxes, list(strides))
 
 
-def coco_like_batch(num_images: int = 16, image_size: tuple[int, int] = (800, 1216), mean_gt: float = 7.0) -> AssignInputs:
-    """The seeded COCO-like batch (module docstring), on CPU."""
+def coco_like_batch(num_images: int = 16, image_size: tuple[int, int] = (800, 1216), mean_gt: float = 7.0,
+                    gt_per_image: int | None = None) -> AssignInputs:
+    """The seeded COCO-like batch (module docstring), on CPU; ``gt_per_image`` fixes every image's GT
+    count (the ``dense`` batch) instead of drawing it around ``mean_gt``."""
     generator = torch.Generator().manual_seed(0)
     height, width = image_size
     targets = []
     for _ in range(num_images):
         count = int(torch.poisson(torch.tensor(mean_gt), generator=generator).clamp(1, 30))
+        count = count if gt_per_image is None else gt_per_image
         side = torch.exp(torch.empty(count).uniform_(math.log(12.0), math.log(600.0), generator=generator))
         aspect = torch.exp(torch.empty(count).uniform_(math.log(0.5), math.log(2.0), generator=generator))
         w = (side * aspect.sqrt()).clamp(max=width)
@@ -108,7 +126,7 @@ def coco_like_batch(num_images: int = 16, image_size: tuple[int, int] = (800, 12
         labels = torch.randint(0, 80, (count,), generator=generator)
         targets.append({"boxes": torch.stack([x1, y1, x1 + w, y1 + h], dim=1), "labels": labels})
     anchors, counts = level_anchors(image_size, COCO_STRIDES, 8.0, "cpu")
-    return noisy_predictions(anchors, counts, targets, 80, generator)
+    return noisy_predictions(anchors, counts, targets, 80, generator, COCO_STRIDES)
 
 
 def digits_batch(num_images: int = 8) -> AssignInputs:
@@ -118,7 +136,7 @@ def digits_batch(num_images: int = 8) -> AssignInputs:
     dataset = build_dataset("digits", "val", train=False, min_size=128, max_size=128, flip_prob=0.0)
     targets = [dataset[index][1] for index in range(num_images)]
     anchors, counts = level_anchors((128, 128), DIGITS_STRIDES, 4.0, "cpu")
-    return noisy_predictions(anchors, counts, targets, 10, torch.Generator().manual_seed(1))
+    return noisy_predictions(anchors, counts, targets, 10, torch.Generator().manual_seed(1), DIGITS_STRIDES)
 
 
 def tiny_batch() -> AssignInputs:
@@ -129,19 +147,12 @@ def tiny_batch() -> AssignInputs:
         {"boxes": torch.tensor([[40.0, 40.0, 56.0, 60.0]]), "labels": torch.tensor([2])},
     ]
     anchors, counts = level_anchors((128, 192), COCO_STRIDES, 8.0, "cpu")
-    return noisy_predictions(anchors, counts, targets, 5, generator)
+    return noisy_predictions(anchors, counts, targets, 5, generator, COCO_STRIDES)
 
 
 def to_device(inputs: AssignInputs, device: torch.device) -> AssignInputs:
-    return AssignInputs(
-        inputs.anchors.to(device),
-        inputs.num_anchors_per_level,
-        inputs.gt_boxes.to(device),
-        inputs.gt_labels.to(device),
-        inputs.gt_mask.to(device),
-        inputs.cls_logits.to(device),
-        inputs.pred_boxes.to(device),
-    )
+    tensors = ("anchors", "gt_boxes", "gt_labels", "gt_mask", "cls_logits", "pred_boxes")
+    return dataclasses.replace(inputs, **{name: getattr(inputs, name).to(device) for name in tensors})
 
 
 def official_paa(inputs: AssignInputs, topk: int = 9) -> Assignment:
@@ -202,12 +213,7 @@ def main() -> None:
     built = {case: assigners.build(**params) for case, params in CASES.items()}
     for section, cpu_inputs in batches.items():
         inputs = to_device(cpu_inputs, device)
-        num_gt = int(inputs.gt_mask.sum())
-        print(
-            f"assign {section}: {inputs.batch_size} images, {num_gt} GT, {inputs.anchors.shape[0]} anchors, "
-            f"{inputs.cls_logits.shape[-1]} classes",
-            flush=True,
-        )
+        describe_batch(section, inputs)
         cases = {case: (lambda a=assigner, x=inputs: a(x)) for case, assigner in built.items()}
         cases["paa-official"] = lambda x=inputs: official_paa(x)
         seconds = time_interleaved(cases, reps=args.reps, warmup=args.warmup, device=device)
@@ -218,6 +224,8 @@ def main() -> None:
             report.figure(section, f"{case} peak memory", peak_memory_mb(call, device), "MiB")
         coco = section == "coco"
         report.ratio(section, "PAA(torch)/ATSS", median_ratio(seconds["paa-torch"], seconds["atss"]), "<= 2.0")
+        for case in ("tal", "simota", "ota", "dsl"):
+            report.ratio(section, f"{case}/ATSS", median_ratio(seconds[case], seconds["atss"]))
         for other in ("sklearn", "official"):
             ratio = median_ratio(seconds[f"paa-{other}"], seconds["paa-torch"])
             report.ratio(section, f"PAA({other})/PAA(torch)", ratio, ">= 20" if coco else "")
@@ -225,7 +233,30 @@ def main() -> None:
         for other in ("sklearn", "official"):
             agreement = positive_set_agreement(inputs, paa_torch, cases[f"paa-{other}"]())
             report.ratio(section, f"GTs with equal positives, {other}", agreement, ">= 0.99", unit="share")
+    if not args.tiny:
+        dense_section(report, built, device)
     report.write_csv(args.out_dir)
+
+
+def describe_batch(section: str, inputs: AssignInputs) -> None:
+    print(
+        f"assign {section}: {inputs.batch_size} images, {int(inputs.gt_mask.sum())} GT, {inputs.anchors.shape[0]} "
+        f"anchors, {inputs.cls_logits.shape[-1]} classes",
+        flush=True,
+    )
+
+
+def dense_section(report: Report, built: dict[str, assigners.Assigner], device: torch.device) -> None:
+    """Every assigner once on the ``dense`` batch: its time and its peak memory growth against 2 GiB."""
+    inputs = to_device(coco_like_batch(gt_per_image=DENSE_GT), device)
+    describe_batch("dense", inputs)
+    for case, assigner in built.items():
+        if case in NOT_ON_DENSE:
+            continue
+        seconds = time_interleaved({case: lambda a=assigner: a(inputs)}, reps=1, warmup=0, device=device)[case]
+        report.figure("dense", f"{case} ms/batch", median_ms(seconds), "ms")
+        memory = peak_memory_mb(lambda a=assigner: a(inputs), device)
+        report.ratio("dense", f"{case} peak memory", memory, f"<= {DENSE_MEMORY_MIB:.0f}", unit="MiB")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Training losses of the shared detector, for any assigner and scorer.
 
 Following the official ATSS / PAA loss:
-- classification: sigmoid focal loss (alpha 0.25, gamma 2) over every non-ignored anchor,
-  one-hot targets on positives, summed and divided by the number of positives;
+- classification: the scorer's loss (sigmoid focal loss, alpha 0.25, gamma 2; or QFL / VFL) over every
+  non-ignored anchor, one-hot (or soft) targets on positives, summed and divided by the number of positives;
 - box: GIoU loss on the decoded boxes of positives, weighted by the scorer's quality target and
   divided by the sum of those targets (PAA Sec. 3.3; the ``none`` scorer's targets are all 1,
   which makes this the plain mean over positives);
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn import functional as F
-from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import generalized_box_iou_loss
 
 from assigners import IGNORED, NEGATIVE, AssignInputs, Assignment
 
@@ -195,7 +195,9 @@ class DetectionLoss:
     gives the positive-sample statistics when they are to be logged.
 
     Classification targets are 1 on each positive's GT class, or ``Assignment.soft_target`` where
-    the assigner gives one (TAL, SimOTA, DSL); the box and quality losses are unchanged by it.
+    the assigner gives one (TAL, SimOTA, DSL); the box and quality losses are unchanged by it. For the
+    joint scorers (``quality_in_classification``: QFL, VFL) the target is the quality target: the soft
+    target where there is one, else the IoU of the detached predicted box, which also weights the box loss.
     """
 
     def __init__(
@@ -237,24 +239,34 @@ class DetectionLoss:
         in_crowd = crowd_overlap(anchors.float(), crowd_boxes, crowd_mask) >= self.crowd_ignore_iof
         return torch.where((gt_index == NEGATIVE) & in_crowd, torch.full_like(gt_index, IGNORED), gt_index)
 
-    def _classification_loss(self, cls_logits: Tensor, gt_index: Tensor, assignment: Assignment,
-                             pos: tuple[Tensor, Tensor, Tensor], num_pos_avg: float) -> Tensor:
-        """Focal loss over the non-ignored anchors; targets 1 (or the soft target) on each positive's class."""
+    def _classification_loss(self, cls_logits: Tensor, gt_index: Tensor, pos: tuple[Tensor, Tensor, Tensor],
+                             positive_targets: Tensor | float, num_pos_avg: float) -> Tensor:
+        """The scorer's classification loss (focal, QFL or VFL) over the non-ignored anchors, divided by
+        the positives; targets ``positive_targets`` (P,) (or one value) on each positive's class, 0 elsewhere."""
         pos_image, pos_anchor, pos_labels = pos
         cls_targets = torch.zeros_like(cls_logits)
-        if assignment.soft_target is not None:
-            cls_targets[pos_image, pos_anchor, pos_labels] = assignment.soft_target[pos_image, pos_anchor].to(
-                cls_targets.dtype
-            )
-        else:
-            cls_targets[pos_image, pos_anchor, pos_labels] = 1.0
-        valid = gt_index != IGNORED
-        return (
-            sigmoid_focal_loss(
-                cls_logits[valid], cls_targets[valid], alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
-            )
-            / num_pos_avg
+        cls_targets[pos_image, pos_anchor, pos_labels] = (
+            positive_targets.to(cls_targets.dtype) if isinstance(positive_targets, Tensor) else positive_targets
         )
+        valid = gt_index != IGNORED
+        loss = self.scorer.classification_loss(cls_logits[valid], cls_targets[valid], self.focal_alpha, self.focal_gamma)
+        return loss / num_pos_avg
+
+    def _positive_targets(self, assignment: Assignment, pos: tuple[Tensor, Tensor, Tensor],
+                          quality_targets: Tensor) -> tuple[Tensor | float, Tensor]:
+        """(classification targets of the positives, their quality targets).
+
+        Classification: the assigner's soft target where it gives one, else 1.0; for scorers whose
+        class score is the quality (``quality_in_classification``), the quality target, which is then
+        the assigner's soft target where it gives one (the value the assigner prescribes for the score).
+        """
+        pos_image, pos_anchor, _ = pos
+        soft = None if assignment.soft_target is None else assignment.soft_target[pos_image, pos_anchor].to(
+            quality_targets.dtype)
+        if self.scorer.quality_in_classification:
+            quality_targets = quality_targets if soft is None else soft
+            return quality_targets, quality_targets
+        return (1.0 if soft is None else soft), quality_targets
 
     def __call__(
         self, out: DetectorOutput, targets: list[dict[str, Tensor]]
@@ -274,13 +286,13 @@ class DetectionLoss:
         pos_gt_boxes = gt_boxes[pos_image, pos_gt]
         pos_labels = gt_labels[pos_image, pos_gt]
 
-        quality_targets = self.scorer.targets(
+        pos = (pos_image, pos_anchor, pos_labels)
+        cls_pos_targets, quality_targets = self._positive_targets(assignment, pos, self.scorer.targets(
             anchors[pos_anchor], pred_boxes[pos_image, pos_anchor].detach(), pos_gt_boxes
-        )
+        ))
         num_pos_avg, quality_sum_avg = loss_normalizers(float(pos_anchor.numel()), quality_targets.sum().detach())
         cls_logits = out.cls_logits.float()
-        loss_cls = self._classification_loss(cls_logits, gt_index, assignment, (pos_image, pos_anchor, pos_labels),
-                                             num_pos_avg)
+        loss_cls = self._classification_loss(cls_logits, gt_index, pos, cls_pos_targets, num_pos_avg)
 
         # PAA Sec. 3.3: box loss weighted by the (detached) quality target, normalised by its sum.
         giou = generalized_box_iou_loss(pred_boxes[pos_image, pos_anchor].float(), pos_gt_boxes, reduction="none")

@@ -6,15 +6,29 @@ branch and as the weight of its box loss, and (b) the unified detection score at
 - ``none``: no quality branch; every positive weighs 1; score = class probability.
 - ``centerness``: ATSS/FCOS centerness of the anchor centre inside its GT.
 - ``iou``: PAA's IoU prediction (Sec. 3.3): IoU of the decoded (detached) predicted box with its GT.
+- ``qfl``: GFL's quality focal loss (Li et al., NeurIPS 2020, Eq. 5): no quality branch; the class
+  score itself learns the localization quality.
+- ``vfl``: VarifocalNet's varifocal loss (Zhang et al., CVPR 2021, Eq. 2): the same joint score
+  with an asymmetric loss.
 
 Quality scorers rank detections by sqrt(p_cls * sigmoid(quality)) (PAA Sec. 3.3 / official code;
-the geometric mean keeps the score on the scale of a probability).
+the geometric mean keeps the score on the scale of a probability). The joint scorers (``qfl``,
+``vfl``) rank by the class probability, which is their quality estimate.
+
+Classification targets of positives: 1 on the GT class, or the assigner's ``soft_target`` when it
+gives one (TAL, SimOTA, DSL). For the joint scorers the target is the quality target: the assigner's
+``soft_target`` when it gives one, else the IoU of the detached predicted box with its GT (GFL and
+VarifocalNet's IoU target); that same value weights the positive's box loss, as every scorer's
+quality target does here (GFL weights its box loss by the predicted score instead; one rule for all
+scorers keeps the comparison about the score).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
+from torchvision.ops import sigmoid_focal_loss
 
 
 def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
@@ -66,8 +80,10 @@ class Scorer:
     """What the quality branch learns and how it joins the class score; carries its loss weights.
 
     Capabilities, read by the model builder, the loss and the evaluation instead of the name:
-    ``has_quality_branch`` (the head needs a quality output) and ``predicts_iou`` (the quality
-    output estimates the IoU of the box, so its error against the true IoU is measured).
+    ``has_quality_branch`` (the head needs a quality output), ``predicts_iou`` (the quality
+    output estimates the IoU of the box, so its error against the true IoU is measured) and
+    ``quality_in_classification`` (no quality branch: the positives' classification target is the
+    quality target, and the class score is the detection score).
 
     cls_weight, box_weight, quality_weight: multipliers of the focal, GIoU and quality losses.
     """
@@ -75,6 +91,7 @@ class Scorer:
     name = ""
     has_quality_branch = False
     predicts_iou = False
+    quality_in_classification = False
 
     def __init__(self, cls_weight: float = 1.0, box_weight: float = 1.3, quality_weight: float = 0.0):
         for key, value in (("cls_weight", cls_weight), ("box_weight", box_weight), ("quality_weight", quality_weight)):
@@ -95,6 +112,11 @@ class Scorer:
     def inference_score(self, cls_prob: Tensor, quality_logit: Tensor | None) -> Tensor:
         """(N,) detection score from the class probability and the quality logit."""
         raise NotImplementedError
+
+    def classification_loss(self, logits: Tensor, targets: Tensor, focal_alpha: float, focal_gamma: float) -> Tensor:
+        """Summed classification loss of (N, C) logits against (N, C) targets in [0, 1]: the sigmoid
+        focal loss (alpha, gamma from the detector's loss), soft targets as torchvision takes them."""
+        return sigmoid_focal_loss(logits, targets, alpha=focal_alpha, gamma=focal_gamma, reduction="sum")
 
 
 @register_scorer("none")
@@ -144,7 +166,69 @@ class IoUScorer(_QualityScorer):
 
     def targets(self, anchors_pos: Tensor, pred_boxes_pos: Tensor, gt_boxes_pos: Tensor) -> Tensor:
         """(P,) IoU of each positive's detached predicted box with its GT; (P, 4) xyxy inputs."""
-        return elementwise_box_iou(pred_boxes_pos.detach().to(gt_boxes_pos.dtype), gt_boxes_pos)
+        return predicted_box_iou(pred_boxes_pos, gt_boxes_pos)
+
+
+def predicted_box_iou(pred_boxes_pos: Tensor, gt_boxes_pos: Tensor) -> Tensor:
+    """(P,) IoU of each (P, 4) detached predicted box with its (P, 4) GT box, in the GT's dtype."""
+    return elementwise_box_iou(pred_boxes_pos.detach().to(gt_boxes_pos.dtype), gt_boxes_pos)
+
+
+def _check_exponent(owner: str, name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 <= value < float("inf")):
+        raise ValueError(f"scorer '{owner}': {name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+class _JointScorer(Scorer):
+    """The class score is the quality estimate: no quality branch, detection score = class probability,
+    quality target = IoU of the detached predicted box (replaced by the assigner's soft target when it
+    gives one, in ``DetectionLoss``)."""
+
+    quality_in_classification = True
+
+    def targets(self, anchors_pos: Tensor, pred_boxes_pos: Tensor, gt_boxes_pos: Tensor) -> Tensor:
+        """(P,) IoU of each positive's detached predicted box with its GT; (P, 4) xyxy inputs."""
+        return predicted_box_iou(pred_boxes_pos, gt_boxes_pos)
+
+    def inference_score(self, cls_prob: Tensor, quality_logit: Tensor | None) -> Tensor:
+        return cls_prob
+
+
+@register_scorer("qfl")
+class QualityFocalScorer(_JointScorer):
+    """GFL's quality focal loss: sum over anchors and classes of |y - sigmoid(x)|^beta * BCE(x, y), y the
+    soft target (the quality target on the positive's class, 0 elsewhere). Defaults as GFL's R50 config
+    (mmdetection gfl_r50_fpn_1x_coco: QualityFocalLoss beta 2.0, loss_weight 1.0; GIoU loss_weight 2.0)."""
+
+    def __init__(self, cls_weight: float = 1.0, box_weight: float = 2.0, quality_weight: float = 0.0,
+                 beta: float = 2.0):
+        super().__init__(cls_weight, box_weight, quality_weight)
+        self.beta = _check_exponent(self.name, "beta", beta)
+
+    def classification_loss(self, logits: Tensor, targets: Tensor, focal_alpha: float, focal_gamma: float) -> Tensor:
+        """Summed QFL; the detector's focal alpha and gamma do not apply (QFL has neither)."""
+        modulation = (targets - torch.sigmoid(logits)).abs().pow(self.beta)
+        return (F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * modulation).sum()
+
+
+@register_scorer("vfl")
+class VarifocalScorer(_JointScorer):
+    """VarifocalNet's varifocal loss: BCE(x, q) weighted by q where q > 0 (positives, IoU-weighted) and by
+    alpha * sigmoid(x)^gamma where q = 0 (negatives only are down-weighted). Defaults as VFNet's R50 config
+    (mmdetection vfnet_r50_fpn_1x_coco: VarifocalLoss alpha 0.75, gamma 2.0, iou_weighted, loss_weight 1.0;
+    GIoU loss_weight 2.0 of its refined boxes, the boxes it scores)."""
+
+    def __init__(self, cls_weight: float = 1.0, box_weight: float = 2.0, quality_weight: float = 0.0,
+                 alpha: float = 0.75, gamma: float = 2.0):
+        super().__init__(cls_weight, box_weight, quality_weight)
+        self.alpha = _check_exponent(self.name, "alpha", alpha)
+        self.gamma = _check_exponent(self.name, "gamma", gamma)
+
+    def classification_loss(self, logits: Tensor, targets: Tensor, focal_alpha: float, focal_gamma: float) -> Tensor:
+        """Summed VFL; its own alpha and gamma replace the detector's focal ones."""
+        weight = torch.where(targets > 0, targets, self.alpha * (torch.sigmoid(logits) - targets).abs().pow(self.gamma))
+        return (F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight).sum()
 
 
 SCORERS = _SCORERS

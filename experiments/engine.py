@@ -161,7 +161,8 @@ def make_hooks(run: Run, trainer_state: TrainState, val_loader) -> tuple[list, h
     stop = hooks.StopSignalHook(checkpoint.save, deadline=float(cfg.deadline) if cfg.get("deadline") else None)
     evaluation = hooks.EvalHook(make_evaluator(run, val_loader), budget.eval_iters, paths.run_dir.name,
                                 dist_info.is_main)
-    chain = [hooks.ProgressHook(paths.run_dir.name, budget.total_batch)] if show_bar else []
+    chain = [hooks.AssignerIterationHook(run.assigner)]
+    chain += [hooks.ProgressHook(paths.run_dir.name, budget.total_batch)] if show_bar else []
     chain += [
         hooks.StatsHook(writer, int(sched.log_every), budget.total_batch, quiet=show_bar),
         hooks.FiniteWeightsHook(budget.eval_iters, int(sched.checkpoint_every), stop),

@@ -1,7 +1,8 @@
 """The trainer's hooks, one periodic job each (detectron2's ``engine/hooks.py`` is the model).
 
 The engine registers them in this order, which is also the order they act in after a step:
-``ProgressHook``, ``StatsHook`` (stats.csv rows and log lines), ``FiniteWeightsHook``,
+``AssignerIterationHook`` (tells the assigner the next iteration, for schedules such as TAL's
+ATSS warm-up), ``ProgressHook``, ``StatsHook`` (stats.csv rows and log lines), ``FiniteWeightsHook``,
 ``EvalHook`` (evaluation, ``ap_curve``), ``SnapshotHook`` (assignment of a fixed val image),
 ``CheckpointHook``, ``StopSignalHook`` (SIGINT/SIGTERM -> checkpoint and ``RunInterrupted``).
 """
@@ -25,6 +26,25 @@ from .runfiles import LOSS_FIELDS, StatsWriter
 from .trainer import HookBase
 
 log = logging.getLogger("experiments.engine")
+
+
+class AssignerIterationHook(HookBase):
+    """Tells ``assigner.set_iteration`` the index (0-based) of the step about to run: before training
+    (the resumed iteration) and after each step. Assigners without a schedule ignore it."""
+
+    def __init__(self, assigner: Any):
+        self.assigner = assigner
+
+    def _tell(self) -> None:
+        set_iteration = getattr(self.assigner, "set_iteration", None)
+        if set_iteration is not None:
+            set_iteration(self.trainer.state.iter)
+
+    def before_train(self) -> None:
+        self._tell()
+
+    def after_step(self) -> None:
+        self._tell()
 
 
 class ProgressHook(HookBase):

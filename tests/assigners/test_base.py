@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -33,3 +34,26 @@ def test_hard_target_assigners_return_no_soft_target(name):
     inputs = random_batch(1, predictions=assigner.uses_predictions)
     assert assigner(inputs).soft_target is None
 
+
+
+@pytest.mark.parametrize("name", ["tal", "simota", "ota", "dsl"])
+@pytest.mark.parametrize("max_pairs", [1, 3 * 257, 10**9])
+def test_assigning_in_groups_of_images_equals_one_call(make_batch, name, max_pairs, monkeypatch):
+    # Images are independent, so groups of one image (max_pairs 1), of a few, or the whole batch give
+    # the same assignment; the dense-cost assigners bound their memory this way.
+    inputs = make_batch(3, batch_size=4, max_gt=6)
+    whole = assigners.build(name)(inputs)
+    module = importlib.import_module(f"assigners.{name}")
+    monkeypatch.setattr(module, "DENSE_MAX_PAIRS", max_pairs)
+    grouped = assigners.build(name)(inputs)
+    for field in ("gt_index", "num_candidates", "soft_target"):
+        mine, theirs = getattr(grouped, field), getattr(whole, field)
+        assert (mine is None and theirs is None) or torch.equal(mine, theirs), field
+
+
+def test_anchor_strides_repeat_each_levels_stride(make_batch):
+    inputs = dataclasses.replace(make_batch(0), anchors=torch.zeros(5, 4), num_anchors_per_level=[3, 2],
+                                 strides=[8, 16], cls_logits=None, pred_boxes=None)
+    assert assigners.base.anchor_strides(inputs, "x").tolist() == [8.0, 8.0, 8.0, 16.0, 16.0]
+    with pytest.raises(ValueError, match="assigner 'x' .*needs AssignInputs.strides"):
+        assigners.base.anchor_strides(dataclasses.replace(inputs, strides=None), "x")

@@ -23,7 +23,7 @@ def test_every_registered_class_is_named_by_its_key(name):
 
 def test_build_passes_parameters_and_refuses_unknown_names():
     assert assigners.build("atss", topk=3).topk == 3
-    with pytest.raises(ValueError, match="unknown assigner 'nope'; valid choices: atss, fnp, fsr, max_iou, paa"):
+    with pytest.raises(ValueError, match="unknown assigner 'nope'; valid choices: atss, dsl, fnp, fsr, max_iou, ota, paa, simota, tal"):
         assigners.build("nope")
     with pytest.raises(ValueError, match="unknown assigner 'iou'"):  # renamed to max_iou
         assigners.build("iou")

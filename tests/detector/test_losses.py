@@ -230,3 +230,40 @@ def test_soft_target_is_the_positive_class_target_of_the_focal_loss():
         zero_output([[0.0, 0.0, 8.0, 8.0]], quality=False), [target([[0.0, 0.0, 8.0, 16.0]], [0])])
     assert float(losses["loss_box"].detach()) == float(hard["loss_box"].detach())
     assert float(hard["loss_cls"].detach()) == pytest.approx(FOCAL_POS + FOCAL_NEG, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("scorer", "soft", "expected_cls"),
+    [
+        # Zero logits (p = 1/2, BCE = ln 2 whatever the target), C = 2, class 0 the GT's.
+        # QFL, target = IoU 1/2: class 0 weighs |0.5 - 0.5|^2 = 0, class 1 |0 - 0.5|^2 = 1/4.
+        ("qfl", None, 0.25 * LN2),
+        # QFL with the assigner's soft target 0.8: class 0 weighs 0.3^2 = 0.09.
+        ("qfl", 0.8, (0.09 + 0.25) * LN2),
+        # VFL, target 1/2: class 0 weighs q = 1/2; class 1 (q = 0) weighs alpha p^2 = 0.75 / 4.
+        ("vfl", None, (0.5 + 0.1875) * LN2),
+        ("vfl", 0.8, (0.8 + 0.1875) * LN2),
+    ],
+)
+def test_joint_scorers_by_hand(scorer, soft, expected_cls):
+    # Anchor (= predicted box) [0, 0, 8, 8], GT [0, 0, 8, 16]: IoU = GIoU = 1/2, box loss 1/2.
+    out = zero_output([[0.0, 0.0, 8.0, 8.0]], quality=False)
+    assigner = FixedAssigner([[0]]) if soft is None else SoftAssigner([[0]], [[soft]])
+    losses, _ = DetectionLoss(assigner, build_scorer(scorer, cls_weight=1.5), num_classes=2)(
+        out, [target([[0.0, 0.0, 8.0, 16.0]], [0])])
+    got = values(losses)
+    assert got["loss_cls"] == pytest.approx(1.5 * expected_cls, rel=1e-5)
+    assert got["loss_box"] == pytest.approx(2.0 * 0.5, rel=1e-5)  # one positive: its weight cancels
+    assert got["loss_quality"] == 0.0
+
+
+def test_joint_scorers_weight_the_box_loss_by_their_target():
+    # As test_quality_weighted_box_normalisation_by_hand: IoUs 0.5 and 0.6, GIoU losses 0.5 and 0.4.
+    anchors = [[0.0, 0.0, 8.0, 8.0]] * 2
+    gt = target([[0.0, 0.0, 8.0, 16.0], [2.0, 0.0, 10.0, 8.0]], [0, 1])
+    losses, _ = DetectionLoss(FixedAssigner([[0, 1]]), build_scorer("qfl"), 2)(zero_output(anchors, quality=False), [gt])
+    assert losses["loss_box"].item() == pytest.approx(2.0 * 0.49 / 1.1, rel=1e-5)
+    # With soft targets 0.2 and 0.8 from the assigner, those weigh instead: (0.2 * 0.5 + 0.8 * 0.4) / 1.0.
+    losses, _ = DetectionLoss(SoftAssigner([[0, 1]], [[0.2, 0.8]]), build_scorer("vfl"), 2)(
+        zero_output(anchors, quality=False), [gt])
+    assert losses["loss_box"].item() == pytest.approx(2.0 * 0.42, rel=1e-5)

@@ -17,7 +17,7 @@ def test_build_scorer_names_and_flags():
     assert not build_scorer("none").uses_quality_branch
     assert build_scorer("centerness").uses_quality_branch
     assert build_scorer("iou").uses_quality_branch
-    with pytest.raises(ValueError, match="none, centerness, iou"):
+    with pytest.raises(ValueError, match="none, centerness, iou, qfl, vfl"):
         build_scorer("giou")
 
 
@@ -71,3 +71,47 @@ def test_unified_score_reorders_detections():
     assert plain.argmax() == 0
     with pytest.raises(ValueError, match="quality"):
         build_scorer("iou").inference_score(cls_prob, None)
+
+
+@pytest.mark.parametrize("name", ["qfl", "vfl"])
+def test_joint_scorers_have_no_quality_branch_and_score_by_the_class(name):
+    scorer = build_scorer(name)
+    assert not scorer.has_quality_branch and scorer.quality_in_classification and not scorer.predicts_iou
+    probs = torch.tensor([0.9, 0.2, 0.5])
+    assert torch.equal(scorer.inference_score(probs, None), probs)
+    # Their quality target is the IoU of the predicted box: [0, 0, 8, 8] in [0, 0, 8, 16] is 1/2.
+    targets = scorer.targets(torch.zeros(1, 4), torch.tensor([[0.0, 0, 8, 8]]), torch.tensor([[0.0, 0, 8, 16]]))
+    assert targets.tolist() == pytest.approx([0.5])
+
+
+def _qfl_by_the_paper(sigma: float, y: float, beta: float = 2.0) -> float:
+    # GFL, Eq. 5: QFL(sigma) = -|y - sigma|^beta ((1 - y) log(1 - sigma) + y log(sigma))
+    return -abs(y - sigma) ** beta * ((1 - y) * math.log(1 - sigma) + y * math.log(sigma))
+
+
+def _vfl_by_the_paper(p: float, q: float, alpha: float = 0.75, gamma: float = 2.0) -> float:
+    # VarifocalNet, Eq. 2: -q (q log p + (1 - q) log(1 - p)) if q > 0, else -alpha p^gamma log(1 - p)
+    if q > 0:
+        return -q * (q * math.log(p) + (1 - q) * math.log(1 - p))
+    return -alpha * p**gamma * math.log(1 - p)
+
+
+@pytest.mark.parametrize("name", ["qfl", "vfl"])
+def test_joint_losses_equal_their_papers_formulas(name):
+    probs = [0.8, 0.1, 0.5, 0.97, 0.3]
+    targets = [0.3, 0.0, 0.5, 0.9, 0.0]
+    logits = torch.tensor([[logit(p) for p in probs]], dtype=torch.float64)
+    got = build_scorer(name).classification_loss(logits, torch.tensor([targets], dtype=torch.float64), 0.25, 2.0)
+    formula = _qfl_by_the_paper if name == "qfl" else _vfl_by_the_paper
+    assert float(got) == pytest.approx(sum(formula(p, t) for p, t in zip(probs, targets)), rel=1e-9)
+    # Their own exponents are parameters: beta 1 (QFL), alpha 0.5 and gamma 1 (VFL).
+    kwargs, paper = ({"beta": 1.0}, {"beta": 1.0}) if name == "qfl" else ({"alpha": 0.5, "gamma": 1.0},) * 2
+    got = build_scorer(name, **kwargs).classification_loss(logits, torch.tensor([targets], dtype=torch.float64), 0.25, 2.0)
+    assert float(got) == pytest.approx(sum(formula(p, t, **paper) for p, t in zip(probs, targets)), rel=1e-9)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("qfl", {"beta": -1.0}), ("vfl", {"alpha": float("nan")}),
+                                              ("vfl", {"gamma": float("inf")})])
+def test_joint_scorers_reject_bad_exponents(name, kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        build_scorer(name, **kwargs)

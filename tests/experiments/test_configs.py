@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 import experiments  # noqa: F401  (registers resolvers)
+from detector import available_scorers
 
 CONF = Path(experiments.__file__).parent / "conf"
 GRIDS = sorted(p.stem for p in (CONF / "grid").glob("*.yaml"))
@@ -57,7 +58,7 @@ def test_variant_parameters_land_in_the_assigner_and_model():
     assert (cfg.scorer.cls_weight, cfg.scorer.box_weight, cfg.scorer.quality_weight) == (1.0, 1.3, 0.5)
 
 
-@pytest.mark.parametrize("name", ["none", "centerness", "iou"])
+@pytest.mark.parametrize("name", available_scorers())
 def test_scorer_configs_build_the_scorer_with_their_weights(name):
     from hydra.utils import instantiate
 

@@ -16,6 +16,7 @@ import assigners
 import experiments  # noqa: F401
 import experiments.engine as engine
 import experiments.trainer as trainer
+from detector import SCORERS, available_scorers
 from experiments.runfiles import METRIC_FIELDS, STATS_FIELDS
 from experiments.train import execute, run_dir_of
 
@@ -182,7 +183,7 @@ def test_every_assigner_trains_with_finite_losses(tmp_path, assigner):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scorer", ["none", "centerness", "iou"])
+@pytest.mark.parametrize("scorer", available_scorers())  # every registered scorer
 @pytest.mark.parametrize("voting", [False, True])
 def test_every_scorer_trains_and_reports_its_fields(tmp_path, scorer, voting):
     cfg, ov = tiny_cfg(tmp_path, "assigner=atss", f"scorer={scorer}", "schedule.iters=3",
@@ -193,7 +194,7 @@ def test_every_scorer_trains_and_reports_its_fields(tmp_path, scorer, voting):
     assert set(METRIC_FIELDS) <= set(metrics)
     rows = _finite_stats(run_dir_of(cfg))
     quality = [float(r["loss_quality"]) for r in rows]
-    if scorer == "none":
+    if not SCORERS[scorer].has_quality_branch:
         assert metrics["iou_pred_error"] is None and all(q == 0.0 for q in quality)
     else:
         assert all(q > 0.0 for q in quality)

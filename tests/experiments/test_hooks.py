@@ -117,3 +117,18 @@ def test_finite_weights_hook_checks_before_evaluations_and_checkpoints_only():
         advance(trainer, [hook], None)
     with pytest.raises(NonFiniteWeightsError, match="after iteration 4: weight"):
         advance(trainer, [hook], None)
+
+
+def test_assigner_iteration_hook_tells_tal_when_its_atss_warmup_ends():
+    # TAL with warmup_iters=2 resumed at iteration 1: step index 1 is still warm-up (ATSS),
+    # after it the next step's index is 2 and TAL proper takes over.
+    trainer = stub_trainer(max_iter=4)
+    trainer.state.iter = 1
+    tal = assigners.build("tal", warmup_iters=2)
+    hook = attach(hooks.AssignerIterationHook(tal), trainer)
+    hook.before_train()
+    assert tal.iteration == 1 and tal.in_warmup
+    advance(trainer, [hook], one_gt_step(1.0, 1))
+    assert tal.iteration == 2 and not tal.in_warmup
+    # An assigner without a schedule (a plain callable) is left alone.
+    attach(hooks.AssignerIterationHook(lambda inputs: None), trainer).before_train()

@@ -1,0 +1,108 @@
+"""Dynamic soft label assignment (``dsl``): RTMDet, Lyu et al., 2022, Sec. 3.3.
+
+As mmdetection's ``DynamicSoftLabelAssigner`` (RTMDet's official code), batched over images and GT
+slots. Per image, with u the IoU of each anchor's detached predicted box with a GT, x the anchor's
+class logits and p = sigmoid(x):
+1. valid anchors: the anchor centre lies inside some GT box (smallest distance to a side > 0);
+2. cost of GT g for a valid anchor, the sum of
+   - the soft classification cost ``sum_c BCEwithlogits(x_c, y_c) * |y_c - p_c|^2`` with the soft
+     label y = onehot(g's class) * u,
+   - ``iou_weight * -log(u + 1e-7)``,
+   - the soft centre prior ``10 ** (d / stride - soft_center_radius)``, d the distance in pixels
+     from the anchor centre to the GT centre and stride the anchor's level stride;
+3. dynamic-k matching (``assigners.dynamic_k``) with k from the ``topk`` largest u; soft target = u.
+
+Departures:
+- The anchor's location is its centre (RTMDet's point priors have offset 0 and are compared as
+  they are; with this detector's anchors the centre is the location its box is regressed from).
+- The sum over classes is computed without a (B, G, A, C) tensor: the cost against all-zero
+  labels, with the GT class's term swapped for its soft-label term.
+- The IoU is plain ``box_iou``, non-finite values as 0 (``base.predicted_iou``); an anchor whose
+  cost is NaN (a NaN logit) is never taken.
+- Memory: mmdetection builds the (valid anchors, G, C) soft-label tensors, which is what runs out of
+  GPU memory on images with many GTs; here the costs are (B, G, A) and images are assigned in groups
+  of at most ``DENSE_MAX_PAIRS`` (GT slot, anchor) pairs.
+- Ties: see ``assigners.dynamic_k``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .base import (
+    DENSE_MAX_PAIRS,
+    Assigner,
+    AssignInputs,
+    Assignment,
+    all_negative,
+    anchor_strides,
+    assign_in_image_chunks,
+    check_positive_int,
+    check_real,
+    predicted_iou,
+)
+from .dynamic_k import dynamic_k_match
+from .geometry import box_centers, centers_inside_boxes
+from .registry import register_assigner
+
+IOU_EPS = 1e-7  # mmdetection's EPS in -log(IoU + EPS)
+
+
+def soft_label_cost(cls_logits: Tensor, gt_labels: Tensor, iou: Tensor) -> Tensor:
+    """(B, G, A) sum over classes of BCEwithlogits(x_c, y_c) * (y_c - sigmoid(x_c))^2, y = onehot(label) * iou.
+
+    cls_logits: (B, A, C); gt_labels: (B, G) in [0, C); iou: (B, G, A), the soft label of each pair.
+    """
+    logits = cls_logits.to(iou.dtype)
+    prob = torch.sigmoid(logits)
+    zero_label = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * prob.square()
+    g, a = gt_labels.shape[1], logits.shape[1]
+    label_index = gt_labels.clamp(0, logits.shape[-1] - 1).unsqueeze(1).expand(-1, a, g)
+    label_logit = logits.gather(2, label_index).transpose(1, 2)  # (B, G, A)
+    label_prob = prob.gather(2, label_index).transpose(1, 2)
+    label_zero = zero_label.gather(2, label_index).transpose(1, 2)
+    soft = F.binary_cross_entropy_with_logits(label_logit, iou, reduction="none") * (iou - label_prob).square()
+    return soft.sub_(label_zero).add_(zero_label.sum(dim=-1).unsqueeze(1))
+
+
+@register_assigner("dsl", uses_predictions=True)
+class DynamicSoftLabelAssigner(Assigner):
+    """DSL; see the module docstring. Defaults: RTMDet's configs in mmdetection.
+
+    topk: IoUs summed for the dynamic k (13); iou_weight: weight of the IoU cost (3.0);
+    soft_center_radius: the centre prior's offset in strides (3.0).
+    """
+
+    def __init__(self, topk: int = 13, iou_weight: float = 3.0, soft_center_radius: float = 3.0):
+        check_positive_int(topk, "topk")
+        self.topk = topk
+        self.iou_weight = check_real(iou_weight, "iou_weight")
+        self.soft_center_radius = check_real(soft_center_radius, "soft_center_radius", low=float("-inf"))
+
+    def assign(self, inputs: AssignInputs) -> Assignment:
+        inputs.require_strides(self.name)
+        if inputs.num_gt_slots == 0 or inputs.anchors.shape[0] == 0:
+            return all_negative(inputs, soft_target=True)
+        return assign_in_image_chunks(self._assign, inputs, DENSE_MAX_PAIRS)
+
+    def _assign(self, inputs: AssignInputs) -> Assignment:
+        dtype = inputs.gt_boxes.dtype
+        centers = box_centers(inputs.anchors.to(dtype))
+        real = inputs.gt_mask.unsqueeze(-1)  # (B, G, 1)
+        in_box = centers_inside_boxes(centers, inputs.gt_boxes.unsqueeze(2), 0.0) & real  # (B, G, A)
+        valid = in_box.any(dim=1, keepdim=True) & real  # (B, G, A): valid anchor, real GT
+        del in_box
+        iou = predicted_iou(inputs).masked_fill_(~valid, 0.0)
+        offset = centers - box_centers(inputs.gt_boxes).unsqueeze(2)  # (B, G, A, 2)
+        distance = offset.square_().sum(dim=-1).sqrt_().div_(anchor_strides(inputs, self.name))
+        del offset
+        cost = torch.pow(10.0, distance.sub_(self.soft_center_radius))
+        cost.add_((iou + IOU_EPS).log_().mul_(-self.iou_weight))
+        cost.add_(soft_label_cost(inputs.cls_logits, inputs.gt_labels, iou))
+        cost.masked_fill_(~valid, float("inf"))
+        return dynamic_k_match(cost, iou, self.topk)
+
+
+__all__ = ["DynamicSoftLabelAssigner", "soft_label_cost"]
