@@ -22,9 +22,10 @@ Timed: ``max_iou``, ``atss``, ``fnp``, ``fsr``, ``paa`` (PAA scheme c), ``tal``,
 sklearn GaussianMixture per GT, everything else batched as in ``paa-torch``) and ``paa-official``
 (``official_paa``: the official code's per-image, per-GT loops, with its per-level top-k, its
 GaussianMixture and its labelling per GT, on our anchor loss). Printed: ms per batch of each,
-PAA(torch)/ATSS, PAA(sklearn)/PAA(torch), PAA(official)/PAA(torch), the share of GTs whose
-positive anchors are the same for paa-torch and each of the other two, and each case's peak
-memory growth.
+PAA(torch)/ATSS, each new assigner / ATSS, PAA(sklearn)/PAA(torch), PAA(official)/PAA(torch), the
+share of GTs whose positive anchors are the same for paa-torch and each of the other two, each case's
+peak memory growth, and its positives per GT on the batch (predictions of a half-trained detector, so
+a hint of each rule's selectivity, not its count over training: that is in each run's stats.csv).
 """
 
 from __future__ import annotations
@@ -196,6 +197,12 @@ def official_paa(inputs: AssignInputs, topk: int = 9) -> Assignment:
     return Assignment(gt_index=gt_index)
 
 
+def positives_per_gt(inputs: AssignInputs, assignment: Assignment) -> float:
+    """Mean number of positive anchors per real GT."""
+    counts = assignment.positives_per_gt(inputs.num_gt_slots)[inputs.gt_mask]
+    return float(counts.double().mean()) if counts.numel() else 0.0
+
+
 def positive_set_agreement(inputs: AssignInputs, first: Assignment, second: Assignment) -> float:
     """Share of real GTs whose set of positive anchors is the same in both assignments."""
     num_gt_slots = inputs.num_gt_slots
@@ -222,6 +229,8 @@ def main() -> None:
             report.figure(section, f"{case} ms/batch", ms[case], "ms")
         for case, call in cases.items():
             report.figure(section, f"{case} peak memory", peak_memory_mb(call, device), "MiB")
+        for case in CASES:
+            report.figure(section, f"{case} positives/GT", positives_per_gt(inputs, built[case](inputs)), "")
         coco = section == "coco"
         report.ratio(section, "PAA(torch)/ATSS", median_ratio(seconds["paa-torch"], seconds["atss"]), "<= 2.0")
         for case in ("tal", "simota", "ota", "dsl"):

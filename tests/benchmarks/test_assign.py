@@ -103,3 +103,18 @@ def test_paa_backends_agree_on_the_tiny_batch():
     torch_out = assigners.build("paa", gmm_backend="torch")(inputs)
     sklearn_out = assigners.build("paa", gmm_backend="sklearn")(inputs)
     assert positive_set_agreement(inputs, torch_out, sklearn_out) == 1.0
+
+
+def test_positives_per_gt_counts_real_gts_only():
+    from benchmarks.assign import positives_per_gt
+
+    inputs = AssignInputs(anchors=torch.zeros(4, 4), num_anchors_per_level=[4], gt_boxes=torch.zeros(1, 3, 4),
+                          gt_labels=torch.zeros(1, 3, dtype=torch.int64), gt_mask=torch.tensor([[True, True, False]]))
+    # GT 0 has 3 positives, GT 1 one; the padded slot 2 is not averaged in.
+    assert positives_per_gt(inputs, Assignment(gt_index=torch.tensor([[0, 0, 1, 0]]))) == 2.0
+
+
+def test_dense_batch_has_200_gt_per_image():
+    dense = coco_like_batch(num_images=2, gt_per_image=200)
+    assert dense.gt_mask.sum(dim=1).tolist() == [200, 200]
+    assert dense.strides == [8, 16, 32, 64, 128]
