@@ -16,12 +16,15 @@ from torch import Tensor, nn
 from torchvision.models import WeightsEnum, get_weight
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .dcn import deform_residual_blocks
+
 ARCHITECTURES: dict[str, Callable[..., torchvision.models.ResNet]] = {
     "resnet18": torchvision.models.resnet18,
     "resnet34": torchvision.models.resnet34,
     "resnet50": torchvision.models.resnet50,
     "resnet101": torchvision.models.resnet101,
     "resnext101_32x8d": torchvision.models.resnext101_32x8d,
+    "resnext101_64x4d": torchvision.models.resnext101_64x4d,
 }
 NORMS = ("frozen_bn", "bn", "gn")
 MAX_FROZEN_STAGES = 4
@@ -96,6 +99,9 @@ class ResNetBackbone(nn.Module):
         frozen_stages: 0 freezes nothing; k >= 1 freezes the stem and ``layer1..layerk``
             (k = 1 is detectron2's FREEZE_AT=2, the ATSS/PAA default).
         return_levels: which of the levels 2..5 to return (C2..C5).
+        dcn_stages: the stages (levels 2..5) whose residual blocks get a modulated deformable 3x3 conv
+            (DCNv2, ``detector.dcn``; the official DCN models use (3, 4, 5) for ResNet, (4, 5) for
+            ResNeXt); the weights are loaded first and copied into the deformable convs.
 
     ``forward(images (B, 3, H, W)) -> OrderedDict[f"c{level}" -> (B, out_channels[level], H / 2**level, W / 2**level)]``.
     """
@@ -107,6 +113,7 @@ class ResNetBackbone(nn.Module):
         norm: str = "frozen_bn",
         frozen_stages: int = 1,
         return_levels: tuple[int, ...] = (3, 4, 5),
+        dcn_stages: tuple[int, ...] = (),
     ):
         super().__init__()
         if name not in ARCHITECTURES:
@@ -115,6 +122,8 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"frozen_stages must be in [0, {MAX_FROZEN_STAGES}], got {frozen_stages}")
         if not return_levels or any(level not in (2, 3, 4, 5) for level in return_levels):
             raise ValueError(f"return_levels must be a non-empty subset of (2, 3, 4, 5), got {return_levels}")
+        if any(level not in (2, 3, 4, 5) for level in dcn_stages):
+            raise ValueError(f"dcn_stages must be a subset of the stages (2, 3, 4, 5), got {tuple(dcn_stages)}")
         resolved = resolve_weights(weights)
         if (resolved is not None or is_weights_file(weights)) and norm == "gn":
             raise ValueError(
@@ -126,6 +135,9 @@ class ResNetBackbone(nn.Module):
 
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        for level in sorted(set(dcn_stages)):
+            deform_residual_blocks(getattr(self, f"layer{level - 1}"))
+        self.dcn_stages = tuple(sorted(set(dcn_stages)))
         expansion = type(net.layer1[0]).expansion  # 1 for BasicBlock, 4 for Bottleneck
         self.out_channels = {level: 64 * 2 ** (level - 2) * expansion for level in (2, 3, 4, 5)}
         self.return_levels = tuple(sorted(return_levels))

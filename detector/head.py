@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbone import group_norm
+from .dcn import ModulatedDeformConv
 
 
 class Scale(nn.Module):
@@ -49,6 +50,9 @@ class DenseHead(nn.Module):
         num_convs: convs per tower.
         use_quality: add the quality (IoU / centerness) branch on the box tower.
         prior_prob: initial foreground probability of every class logit (RetinaNet Sec. 4.1).
+        dcn_tower: the last conv of each tower is a modulated deformable conv (DCNv2, ``detector.dcn``),
+            as the official DCN models (``USE_DCN_IN_TOWER``); it starts from the plain conv's
+            initialisation with zero offsets.
 
     ``forward(features)`` maps a list of (B, in_channels, H_l, W_l) to
     ``(cls_logits (B, A, C), box_deltas (B, A, 4), quality (B, A) logits or None)``
@@ -63,6 +67,7 @@ class DenseHead(nn.Module):
         num_convs: int = 4,
         use_quality: bool = True,
         prior_prob: float = 0.01,
+        dcn_tower: bool = False,
     ):
         super().__init__()
         if not 0.0 < prior_prob < 1.0:
@@ -81,6 +86,10 @@ class DenseHead(nn.Module):
                 nn.init.constant_(module.bias, 0.0)
         # Focal-loss prior: sigmoid(bias) = prior_prob for every class at initialisation.
         nn.init.constant_(self.cls_logits.bias, -math.log((1.0 - prior_prob) / prior_prob))
+        if dcn_tower and num_convs > 0:
+            for tower in (self.cls_tower, self.box_tower):
+                last = len(tower) - 3  # conv, norm, ReLU per layer
+                tower[last] = ModulatedDeformConv.from_conv(tower[last])
 
     @property
     def use_quality(self) -> bool:

@@ -63,6 +63,8 @@ class Detector(nn.Module):
         prior_prob: float = 0.01,
         pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        dcn_stages: tuple[int, ...] = (),
+        dcn_tower: bool = False,
     ):
         super().__init__()
         if num_classes < 1:
@@ -78,9 +80,11 @@ class Detector(nn.Module):
             norm=norm,
             frozen_stages=frozen_stages,
             return_levels=tuple(range(self.levels[0], 6)),
+            dcn_stages=tuple(dcn_stages),
         )
         self.fpn = FPN(self.backbone.out_channels, fpn_channels, self.levels)
-        self.head = DenseHead(fpn_channels, num_classes, len(self.levels), num_convs, use_quality, prior_prob)
+        self.head = DenseHead(fpn_channels, num_classes, len(self.levels), num_convs, use_quality, prior_prob,
+                              dcn_tower=dcn_tower)
         self.box_coder = BoxCoder()
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)

@@ -111,3 +111,21 @@ def test_each_grid_sweeps_the_seeds_its_file_sets(grid):
     written = OmegaConf.load(CONF / "grid" / f"{grid}.yaml").get("seeds")
     assert written is not None, f"conf/grid/{grid}.yaml sets no seeds"
     assert list(_compose([f"grid={grid}"]).seeds) == list(written)
+
+
+@pytest.mark.parametrize(
+    ("model", "backbone", "weights", "dcn_stages"),
+    [
+        # kkhoot/PAA paa_dcnv2_*: STAGE_WITH_DCN (False, True, True, True) for ResNet (res3-res5),
+        # (False, False, True, True) for ResNeXt-101 64x4d; USE_DCN_IN_TOWER True in all.
+        ("r50_dcn", "resnet50", "ResNet50_Weights.IMAGENET1K_V1", [3, 4, 5]),
+        ("r101_dcn", "resnet101", "ResNet101_Weights.IMAGENET1K_V1", [3, 4, 5]),
+        ("x101_dcn", "resnext101_64x4d", "ResNeXt101_64X4D_Weights.IMAGENET1K_V1", [4, 5]),
+    ],
+)
+def test_dcn_models_resolve_to_the_official_placement(model, backbone, weights, dcn_stages):
+    node = _compose(["data=coco", f"model={model}", "schedule=coco_1x"]).model
+    assert (node.backbone, node.weights, list(node.dcn_stages), node.dcn_tower) == (backbone, weights, dcn_stages, True)
+    assert (node.norm, node.frozen_stages, node.num_convs, node.fpn_channels) == ("frozen_bn", 1, 4, 256)
+    plain = _compose(["data=coco", "model=r50"]).model
+    assert (list(plain.dcn_stages), plain.dcn_tower) == ([], False)

@@ -183,6 +183,15 @@ def test_every_assigner_trains_with_finite_losses(tmp_path, assigner):
 
 
 @pytest.mark.slow
+def test_dcn_model_trains_with_finite_losses(tmp_path):
+    cfg, ov = tiny_cfg(tmp_path, "assigner=paa", "scorer=iou", "schedule.iters=3", "model.dcn_stages=[3,4,5]",
+                       "model.dcn_tower=true", "eval.curve_fractions=[1.0]", "eval.snapshots=false", "model.num_convs=1")
+    metrics = execute(cfg, ov, raise_on_failure=True)
+    assert metrics["status"] == "done"
+    assert len(_finite_stats(run_dir_of(cfg))) > 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("scorer", available_scorers())  # every registered scorer
 @pytest.mark.parametrize("voting", [False, True])
 def test_every_scorer_trains_and_reports_its_fields(tmp_path, scorer, voting):
