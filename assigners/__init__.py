@@ -5,7 +5,14 @@
     out.gt_index  # (B, A): >= 0 GT index, -1 negative, -2 ignored
 
 Each assigner registers itself with ``@register_assigner(name, uses_predictions=...)`` next to
-its class. Every module of this package is imported below, so a new assigner is one new module
+its class.
+
+Box convention, a deliberate difference from the official PAA/ATSS code: coordinates are
+continuous (torchvision's ``box_iou``: width = x2 - x1), where maskrcnn-benchmark adds 1 pixel to
+every width and height in its IoU and box coding; the continuous convention is the one torchvision,
+detectron2 and pycocotools use, and the difference matters most for small boxes.
+
+Every module of this package is imported below, so a new assigner is one new module
 (plus its Hydra config and its test): nothing here needs an edit for it to be registered.
 """
 

@@ -16,6 +16,10 @@ mixture log-density (the official ``fg_max_idx``) and "bg peak" likewise for bac
   c: positive up to the fg peak, the rest negative (paper default, the official code).
   d: positive up to the fg peak; the rest ignored where labelled foreground, negative
      where labelled background.
+  b_official: (b) as the only runnable official code of it (kkhoot/PAA before commit 65bde62):
+     positive up to the fg peak; with a bg-labelled candidate, the last (p + 1) candidates
+     negative, p the bg peak's position, and every other candidate ignored (positives win
+     where the two overlap); without one, the rest negative. ``b`` keeps the paper's reading.
 As in the official code, a GT with a single candidate gets it as positive, a GT whose
 candidates all fall in the background component gets all of them as positive (for
 recall), and a GT without candidates gets no positive (``Assignment.num_candidates``).
@@ -41,7 +45,7 @@ from .base import IGNORED, NEGATIVE, AssignInputs, Assignment
 from .gmm import GMM_BACKENDS, fit_gmm
 from .registry import register_assigner
 
-PAA_SCHEMES = ("a", "b", "c", "d")
+PAA_SCHEMES = ("a", "b", "c", "d", "b_official")
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,11 @@ def split_by_scheme(labels: Tensor, log_density: Tensor, mask: Tensor, scheme: s
     rest = mask & ~positive
     if scheme == "b":
         ignored = rest & (position < _first_peak(log_density, background).unsqueeze(1))
+    elif scheme == "b_official":
+        # inds[-bg_max_idx - 1:] of the official code: the last bg_peak + 1 of the row's candidates.
+        tail_start = mask.sum(dim=1, keepdim=True) - _first_peak(log_density, background).unsqueeze(1) - 1
+        has_background = background.any(dim=1, keepdim=True)
+        ignored = rest & has_background & (position < tail_start)
     elif scheme == "d":
         ignored = rest & foreground
     else:

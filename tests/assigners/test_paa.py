@@ -37,13 +37,15 @@ HAND_MASK = torch.ones(1, 5, dtype=torch.bool)
         ("b", [0, 1], [2, 3]),  # ignored strictly between the fg peak (1) and bg peak (4)
         ("c", [0, 1], []),  # up to the fg peak, the rest negative
         ("d", [0, 1], [3]),  # the rest: ignored if fg-labelled, negative if bg-labelled
+        # official (b): the last bg peak + 1 = 5 candidates negative (all of them), positives win
+        ("b_official", [0, 1], []),
     ],
 )
 def test_split_by_scheme_by_hand(scheme, positive, ignored):
     assert _sets(*split_by_scheme(HAND_LABELS, HAND_DENSITY, HAND_MASK, scheme)) == (positive, ignored)
 
 
-@pytest.mark.parametrize("scheme", ["a", "b", "c", "d"])
+@pytest.mark.parametrize("scheme", ["a", "b", "c", "d", "b_official"])
 def test_split_without_foreground_makes_all_positive(scheme):
     labels = torch.tensor([[1, 1, 1, 0]])
     mask = torch.tensor([[True, True, True, False]])
@@ -57,6 +59,20 @@ def test_split_b_without_background_ignores_the_rest():
     mask = torch.ones(1, 4, dtype=torch.bool)
     assert _sets(*split_by_scheme(labels, density, mask, "b")) == ([0, 1], [2, 3])
     assert _sets(*split_by_scheme(labels, density, mask, "c")) == ([0, 1], [])
+    # The official (b) leaves the rest negative when no candidate is labelled background.
+    assert _sets(*split_by_scheme(labels, density, mask, "b_official")) == ([0, 1], [])
+
+
+def test_split_b_official_takes_the_last_bg_peak_plus_one_as_negatives():
+    # Eight candidates in a row of ten (two padded): labels fg fg bg bg fg bg bg bg. fg peak: density
+    # 3 at position 1 -> positives {0, 1}. bg peak: density 5 at position 2 -> the official
+    # inds[-2 - 1:] is the last 3 candidates {5, 6, 7}, negative; the others {2, 3, 4} ignored.
+    labels = torch.tensor([[0, 0, 1, 1, 0, 1, 1, 1, 0, 0]])
+    density = torch.tensor([[1.0, 3.0, 5.0, 0.0, 2.0, 1.0, 1.0, 1.0, 9.0, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[True] * 8 + [False] * 2])
+    assert _sets(*split_by_scheme(labels, density, mask, "b_official")) == ([0, 1], [2, 3, 4])
+    # The paper's (b): ignored strictly between the peaks (none), negative from the bg peak on.
+    assert _sets(*split_by_scheme(labels, density, mask, "b")) == ([0, 1], [])
 
 
 def test_split_b_with_bg_peak_before_fg_peak_has_no_ignored():
