@@ -135,9 +135,23 @@ def make_evaluator(run: Run, val_loader):
     inference_cfg = dict(OmegaConf.to_container(run.cfg.inference, resolve=True))
     backend = str(run.cfg.eval.backend)
 
+    tta = inference_cfg.get("tta") or {}
+
+    def infer():
+        if not tta.get("enabled", False):
+            return run_inference(run.model, val_loader, run.device, run.scorer, inference_cfg,
+                                 run.val_base.label_to_category_id, run.autocast_dtype)
+        from .build import build_val_loader
+        from .tta import run_tta_inference
+
+        sched = run.cfg.schedule
+        return run_tta_inference(
+            run.model, run.val_set, lambda dataset: build_val_loader(dataset, run.cfg, run.model.size_divisibility),
+            run.device, run.scorer, inference_cfg, (int(sched.test_min_size), int(sched.max_size)),
+            run.val_base.label_to_category_id, run.autocast_dtype)
+
     def evaluate():
-        results, iou_err = run_inference(run.model, val_loader, run.device, run.scorer, inference_cfg,
-                                         run.val_base.label_to_category_id, run.autocast_dtype)
+        results, iou_err = infer()
         barrier(run.dist_info)  # every process evaluated the full val set; rank 0 scores it
         return coco_evaluate(run.val_base.coco, results, backend), iou_err, results
 

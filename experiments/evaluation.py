@@ -108,6 +108,7 @@ def run_inference(model, loader, device, scorer, inference_cfg: dict, label_to_c
 
     from .trainer import autocast
 
+    inference_cfg = {key: value for key, value in inference_cfg.items() if key != "tta"}  # see experiments.tta
     model.eval()
     results: list[dict] = []
     err_sum, err_count = 0.0, 0
