@@ -33,6 +33,7 @@ from .checkpoint import load_checkpoint
 from .distributed import DistInfo, barrier, select_device, setup_distributed
 from .environment import describe_environment
 from .errors import ConfigError, NonFiniteLossError, NonFiniteWeightsError, RunInterrupted
+from .loggers import LoggerHook, build_logger
 from .matches import compute_matches, save_matches
 from .runfiles import FAILED, RunPaths, StatsWriter, atomic_write_text, new_metrics, write_metrics
 from .trainer import Trainer, TrainState
@@ -175,13 +176,17 @@ def make_hooks(run: Run, trainer_state: TrainState, val_loader) -> tuple[list, h
     stop = hooks.StopSignalHook(checkpoint.save, deadline=float(cfg.deadline) if cfg.get("deadline") else None)
     evaluation = hooks.EvalHook(make_evaluator(run, val_loader), budget.eval_iters, paths.run_dir.name,
                                 dist_info.is_main)
+    stats = hooks.StatsHook(writer, int(sched.log_every), budget.total_batch, quiet=show_bar)
+    snapshots = paths.snapshots if cfg.eval.snapshots else None
+    logger = build_logger(str(cfg.get("logger", "none")), paths.run_dir) if dist_info.is_main else None
     chain = [hooks.AssignerIterationHook(run.assigner)]
     chain += [hooks.ProgressHook(paths.run_dir.name, budget.total_batch)] if show_bar else []
     chain += [
-        hooks.StatsHook(writer, int(sched.log_every), budget.total_batch, quiet=show_bar),
+        stats,
         hooks.FiniteWeightsHook(budget.eval_iters, int(sched.checkpoint_every), stop),
         evaluation,
-        *([hooks.SnapshotHook(snapshot, budget.eval_iters)] if cfg.eval.snapshots else []),
+        *([hooks.SnapshotHook(snapshot, budget.eval_iters)] if snapshots is not None else []),
+        *([LoggerHook(logger, stats, evaluation, snapshots)] if logger is not None else []),
         checkpoint,
         stop,
     ]

@@ -4,7 +4,8 @@ The engine registers them in this order, which is also the order they act in aft
 ``AssignerIterationHook`` (tells the assigner the next iteration, for schedules such as TAL's
 ATSS warm-up), ``ProgressHook``, ``StatsHook`` (stats.csv rows and log lines), ``FiniteWeightsHook``,
 ``EvalHook`` (evaluation, ``ap_curve``), ``SnapshotHook`` (assignment of a fixed val image),
-``CheckpointHook``, ``StopSignalHook`` (SIGINT/SIGTERM -> checkpoint and ``RunInterrupted``).
+``LoggerHook`` (``logger=tensorboard``, ``experiments.loggers``), ``CheckpointHook``,
+``StopSignalHook`` (SIGINT/SIGTERM -> checkpoint and ``RunInterrupted``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class StatsHook(HookBase):
         self.quiet = quiet
         self.window: list[tuple[dict, Any, Any, Any]] = []
         self.window_seconds = 0.0
+        self.last_row: dict[str, float] | None = None  # the row last written, for loggers (LoggerHook)
+        self.last_images_per_second = float("nan")
 
     def after_step(self) -> None:
         step, state = self.trainer.step_output, self.trainer.state
@@ -123,13 +126,14 @@ class StatsHook(HookBase):
     def _write(self, it: int, iters: int) -> None:
         rows = self._rows()
         means = {k: float(np.mean([row[k] for row in rows])) for k in rows[0]}
-        self.writer.write({"iter": it, **means})
+        self.last_row = {"iter": it, **means}
+        self.last_images_per_second = len(rows) * self.total_batch / self.window_seconds
+        self.writer.write(self.last_row)
         log.log(logging.DEBUG if self.quiet else logging.INFO,
                 "iter %d/%d  loss %.4f (%s)  pos/GT %.2f  GT without pos %g  %.1f img/s",
                 it, iters, sum(means[k] for k in LOSS_FIELDS), "  ".join(
                     f"{k.removeprefix('loss_')} {means[k]:.4f}" for k in LOSS_FIELDS),
-                means["pos_per_gt_mean"], means["gt_without_pos"],
-                len(rows) * self.total_batch / self.window_seconds)
+                means["pos_per_gt_mean"], means["gt_without_pos"], self.last_images_per_second)
 
     def after_train(self) -> None:
         if self.writer is not None:
@@ -200,6 +204,8 @@ class EvalHook(HookBase):
     def __init__(self, evaluate: Callable[[], tuple[dict, float | None, list]], eval_iters: frozenset[int],
                  run_name: str, is_main: bool):
         self.evaluate, self.eval_iters, self.run_name, self.is_main = evaluate, eval_iters, run_name, is_main
+        self.last_ap: dict | None = None  # the latest evaluation and its iteration, for loggers (LoggerHook)
+        self.last_iter = -1
 
     def run(self) -> dict:
         """Evaluate now; the state keeps the AP, the error and the detections as the latest result."""
@@ -207,6 +213,7 @@ class EvalHook(HookBase):
 
         state = self.trainer.state
         ap, state.iou_pred_error, state.last_results = self.evaluate()
+        self.last_ap, self.last_iter = ap, state.iter
         if self.is_main:
             log.info("[%s] iter %d: %s", self.run_name, state.iter, summarize_ap(ap))
         return ap

@@ -77,7 +77,7 @@ def rescore_run(source_dir: Path, cfg: DictConfig, overrides: list[str]) -> dict
 
 
 # Keys that may differ between a run and its re-scoring: names, inference, evaluation and bookkeeping.
-NOT_TRAINING_KEYS = ("variant", "variant_id", "run_name", "rescore_from", "inference", "eval", "progress",
+NOT_TRAINING_KEYS = ("variant", "variant_id", "run_name", "rescore_from", "inference", "eval", "progress", "logger",
                      "num_threads", "results_root", "deadline")
 
 
