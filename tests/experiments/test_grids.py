@@ -38,6 +38,10 @@ def test_grid_runs_every_variant_and_writes_the_report(grid, tmp_path):
     from omegaconf import OmegaConf
 
     variants = OmegaConf.load(Path(__file__).parents[2] / "experiments" / "conf" / "grid" / f"{grid}.yaml").grid.variants
+    # One progress line per run (experiments.progress), the last with every run finished.
+    progress = [line for line in proc.stdout.splitlines() if f"[assignbench] grid {grid}: " in line and "finished (" in line]
+    assert len(progress) == len(variants), proc.stdout[-3000:]
+    assert f"{len(variants)}/{len(variants)} runs finished (0 failed)" in progress[-1] and progress[-1].endswith("none left")
     runs = sorted(p.name for p in grid_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert runs == sorted(f"{v}-s0" for v in variants)
     for run in runs:
