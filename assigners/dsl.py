@@ -31,19 +31,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .base import (
-    DENSE_MAX_PAIRS,
-    Assigner,
-    AssignInputs,
-    Assignment,
-    all_negative,
-    anchor_strides,
-    assign_in_image_chunks,
-    check_positive_int,
-    check_real,
-    predicted_iou,
-)
-from .dynamic_k import dynamic_k_match
+from .base import AssignInputs, anchor_strides, check_positive_int, check_real, predicted_iou
+from .dynamic_k import DynamicKAssigner
 from .geometry import box_centers, centers_inside_boxes
 from .registry import register_assigner
 
@@ -68,7 +57,7 @@ def soft_label_cost(cls_logits: Tensor, gt_labels: Tensor, iou: Tensor) -> Tenso
 
 
 @register_assigner("dsl", uses_predictions=True)
-class DynamicSoftLabelAssigner(Assigner):
+class DynamicSoftLabelAssigner(DynamicKAssigner):
     """DSL; see the module docstring. Defaults: RTMDet's configs in mmdetection.
 
     topk: IoUs summed for the dynamic k (13); iou_weight: weight of the IoU cost (3.0);
@@ -77,17 +66,11 @@ class DynamicSoftLabelAssigner(Assigner):
 
     def __init__(self, topk: int = 13, iou_weight: float = 3.0, soft_center_radius: float = 3.0):
         check_positive_int(topk, "topk")
-        self.topk = topk
+        self.topk = self.candidate_topk = topk
         self.iou_weight = check_real(iou_weight, "iou_weight")
         self.soft_center_radius = check_real(soft_center_radius, "soft_center_radius", low=float("-inf"))
 
-    def assign(self, inputs: AssignInputs) -> Assignment:
-        inputs.require_strides(self.name)
-        if inputs.num_gt_slots == 0 or inputs.anchors.shape[0] == 0:
-            return all_negative(inputs, soft_target=True)
-        return assign_in_image_chunks(self._assign, inputs, DENSE_MAX_PAIRS)
-
-    def _assign(self, inputs: AssignInputs) -> Assignment:
+    def costs(self, inputs: AssignInputs) -> tuple[Tensor, Tensor]:
         dtype = inputs.gt_boxes.dtype
         centers = box_centers(inputs.anchors.to(dtype))
         real = inputs.gt_mask.unsqueeze(-1)  # (B, G, 1)
@@ -102,7 +85,7 @@ class DynamicSoftLabelAssigner(Assigner):
         cost.add_((iou + IOU_EPS).log_().mul_(-self.iou_weight))
         cost.add_(soft_label_cost(inputs.cls_logits, inputs.gt_labels, iou))
         cost.masked_fill_(~valid, float("inf"))
-        return dynamic_k_match(cost, iou, self.topk)
+        return cost, iou
 
 
 __all__ = ["DynamicSoftLabelAssigner", "soft_label_cost"]

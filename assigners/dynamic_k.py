@@ -18,7 +18,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import NEGATIVE, Assignment
+from .base import (
+    DENSE_MAX_PAIRS,
+    NEGATIVE,
+    Assigner,
+    AssignInputs,
+    Assignment,
+    all_negative,
+    assign_in_image_chunks,
+)
 
 
 def dynamic_k_match(cost: Tensor, iou: Tensor, candidate_topk: int) -> Assignment:
@@ -55,4 +63,25 @@ def dynamic_k_match(cost: Tensor, iou: Tensor, candidate_topk: int) -> Assignmen
     return Assignment(gt_index=gt_index, soft_target=soft_target)
 
 
-__all__ = ["dynamic_k_match"]
+class DynamicKAssigner(Assigner):
+    """Base of the dynamic-k assigners (SimOTA, DSL): each gives its (B, G, A) costs and IoUs
+    (``costs``) and how many IoUs make a GT's k (``candidate_topk``); the rest is shared here: the
+    strides check, the empty cases and the image groups bounded by ``DENSE_MAX_PAIRS``."""
+
+    candidate_topk: int
+
+    def costs(self, inputs: AssignInputs) -> tuple[Tensor, Tensor]:
+        """(cost, iou), both (B, G, A), as ``dynamic_k_match`` takes them."""
+        raise NotImplementedError
+
+    def assign(self, inputs: AssignInputs) -> Assignment:
+        inputs.require_strides(self.name)
+        if inputs.num_gt_slots == 0 or inputs.anchors.shape[0] == 0:
+            return all_negative(inputs, soft_target=True)
+        return assign_in_image_chunks(self._assign_group, inputs, DENSE_MAX_PAIRS)
+
+    def _assign_group(self, inputs: AssignInputs) -> Assignment:
+        return dynamic_k_match(*self.costs(inputs), self.candidate_topk)
+
+
+__all__ = ["DynamicKAssigner", "dynamic_k_match"]

@@ -29,19 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import (
-    DENSE_MAX_PAIRS,
-    Assigner,
-    AssignInputs,
-    Assignment,
-    all_negative,
-    anchor_strides,
-    assign_in_image_chunks,
-    check_positive_int,
-    check_real,
-    predicted_iou,
-)
-from .dynamic_k import dynamic_k_match
+from .base import AssignInputs, anchor_strides, check_positive_int, check_real, predicted_iou
+from .dynamic_k import DynamicKAssigner
 from .geometry import box_centers, centers_inside_boxes
 from .registry import register_assigner
 
@@ -79,7 +68,7 @@ def centre_region_mask(centers: Tensor, gt_boxes: Tensor, half_side: Tensor) -> 
 
 
 @register_assigner("simota", uses_predictions=True)
-class SimOTAAssigner(Assigner):
+class SimOTAAssigner(DynamicKAssigner):
     """SimOTA; see the module docstring. Defaults: mmdetection's YOLOX configs (YOLOX's own code).
 
     center_radius: half-side of the centre region in strides (2.5); candidate_topk: IoUs summed for
@@ -94,13 +83,7 @@ class SimOTAAssigner(Assigner):
         self.iou_weight = check_real(iou_weight, "iou_weight")
         self.cls_weight = check_real(cls_weight, "cls_weight")
 
-    def assign(self, inputs: AssignInputs) -> Assignment:
-        inputs.require_strides(self.name)
-        if inputs.num_gt_slots == 0 or inputs.anchors.shape[0] == 0:
-            return all_negative(inputs, soft_target=True)
-        return assign_in_image_chunks(self._assign, inputs, DENSE_MAX_PAIRS)
-
-    def _assign(self, inputs: AssignInputs) -> Assignment:
+    def costs(self, inputs: AssignInputs) -> tuple[Tensor, Tensor]:
         dtype = inputs.gt_boxes.dtype
         centers = box_centers(inputs.anchors.to(dtype))
         real = inputs.gt_mask.unsqueeze(-1)  # (B, G, 1)
@@ -113,7 +96,7 @@ class SimOTAAssigner(Assigner):
         cost.add_((iou + IOU_EPS).log_().mul_(-self.iou_weight))
         cost.add_((~(in_box & in_centre)).to(dtype).mul_(OUTSIDE_COST))
         cost.masked_fill_(~valid, float("inf"))
-        return dynamic_k_match(cost, iou, self.candidate_topk)
+        return cost, iou
 
 
 __all__ = ["SimOTAAssigner", "centre_region_mask", "one_hot_bce_cost"]

@@ -24,9 +24,8 @@ from torchvision.ops import box_iou
 import assigners
 from assigners import NEGATIVE, AssignInputs
 
-from .conftest import make_anchors
+from .conftest import as_float64, make_anchors
 from .test_simota import (
-    as_float64,
     check_against_reference,
     dynamic_k_match,
     one_image,

@@ -22,7 +22,7 @@ from assigners import NEGATIVE, AssignInputs
 from assigners.geometry import box_centers
 from assigners.ota import centre_prior
 
-from .conftest import make_anchors, requires_cuda
+from .conftest import as_float64, make_anchors, requires_cuda
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 
@@ -126,17 +126,6 @@ def ota_reference(
     return gt_index, num_candidates
 
 
-def _float64(inputs: AssignInputs) -> AssignInputs:
-    """The same batch in float64, so rounding cannot flip a near tie between the two codes."""
-    return dataclasses.replace(
-        inputs,
-        anchors=inputs.anchors.double(),
-        gt_boxes=inputs.gt_boxes.double(),
-        cls_logits=inputs.cls_logits.double(),
-        pred_boxes=inputs.pred_boxes.double(),
-    )
-
-
 PARAMETERS = [
     {},  # the official defaults
     {
@@ -154,7 +143,7 @@ PARAMETERS = [
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("params", PARAMETERS, ids=["defaults", "other"])
 def test_ota_equals_loop_reference(make_batch, device, seed, params):
-    inputs = _float64(make_batch(seed, batch_size=3, max_gt=6, device=device))
+    inputs = as_float64(make_batch(seed, batch_size=3, max_gt=6, device=device))
     out = assigners.build("ota", **params)(inputs)
     expected_index, expected_candidates = ota_reference(inputs, **params)
     assert out.gt_index.device.type == device and out.gt_index.dtype == torch.int64
@@ -168,7 +157,7 @@ def test_reference_batches_cover_the_interesting_cases(make_batch):
     # are candidates of two GTs or more (where the transport decides).
     without_candidates = several_positives = shared_candidates = 0
     for seed in range(5):
-        inputs = _float64(make_batch(seed, batch_size=3, max_gt=6))
+        inputs = as_float64(make_batch(seed, batch_size=3, max_gt=6))
         out = assigners.build("ota")(inputs)
         real = inputs.gt_mask
         without_candidates += int((out.num_candidates[real] == 0).sum())
@@ -223,7 +212,7 @@ COMPETING_PREDS = {
 def test_image_without_gt_is_all_negative(make_batch):
     # Image 1 has no GT, image 0 has some: image 1 is all negative, image 0 as when alone;
     # a batch whose every slot is padded is all negative too.
-    inputs = _float64(make_batch(3, batch_size=2, max_gt=4, empty_image=True))
+    inputs = as_float64(make_batch(3, batch_size=2, max_gt=4, empty_image=True))
     assert bool(inputs.gt_mask[0].any()) and not bool(inputs.gt_mask[1].any())
     ota = assigners.build("ota")
     out = ota(inputs)
@@ -443,13 +432,13 @@ def test_float32_inputs_work_in_float32(make_batch):
     # flip near ties); both give valid assignments.
     inputs = make_batch(7, batch_size=3, max_gt=6)
     single = assigners.build("ota")(inputs).gt_index
-    double = assigners.build("ota")(_float64(inputs)).gt_index
+    double = assigners.build("ota")(as_float64(inputs)).gt_index
     assert (single == double).double().mean() >= 0.99
 
 
 @requires_cuda
 def test_cuda_equals_cpu(make_batch):
-    inputs = _float64(make_batch(8, batch_size=4, max_gt=8))
-    cuda_inputs = _float64(make_batch(8, batch_size=4, max_gt=8, device="cuda"))
+    inputs = as_float64(make_batch(8, batch_size=4, max_gt=8))
+    cuda_inputs = as_float64(make_batch(8, batch_size=4, max_gt=8, device="cuda"))
     ota = assigners.build("ota")
     assert torch.equal(ota(inputs).gt_index, ota(cuda_inputs).gt_index.cpu())

@@ -24,21 +24,10 @@ from torchvision.ops import box_iou
 import assigners
 from assigners import NEGATIVE, AssignInputs
 
-from .conftest import make_anchors
+from .conftest import as_float64, make_anchors
 
 IOU_EPS = 1e-7
 OUTSIDE_COST = 1e5
-
-
-def as_float64(inputs: AssignInputs) -> AssignInputs:
-    """The same batch in float64, so that near-equal costs cannot flip an order."""
-    return dataclasses.replace(
-        inputs,
-        anchors=inputs.anchors.double(),
-        gt_boxes=inputs.gt_boxes.double(),
-        cls_logits=inputs.cls_logits.double(),
-        pred_boxes=inputs.pred_boxes.double(),
-    )
 
 
 def one_image(anchors, gt_boxes, gt_labels, logits, preds, strides, counts=None, num_classes=1):

@@ -22,7 +22,7 @@ from torchvision.ops import box_iou
 import assigners
 from assigners import NEGATIVE, AssignInputs
 
-from .conftest import make_anchors
+from .conftest import as_float64, make_anchors
 
 INSIDE_MARGIN = 0.01
 NORM_EPS = 1e-7
@@ -30,17 +30,6 @@ NORM_EPS = 1e-7
 
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
-
-
-def _as_float64(inputs: AssignInputs) -> AssignInputs:
-    """The same batch in float64, so that near-equal metrics cannot flip an order."""
-    return dataclasses.replace(
-        inputs,
-        anchors=inputs.anchors.double(),
-        gt_boxes=inputs.gt_boxes.double(),
-        cls_logits=inputs.cls_logits.double(),
-        pred_boxes=inputs.pred_boxes.double(),
-    )
 
 
 def _one_image(anchors, gt_boxes, gt_labels, logits, preds, num_classes=1, counts=None, strides=None, gt_mask=None):
@@ -133,7 +122,7 @@ def _check_against_reference(out, expected_index, expected_soft, atol=1e-9):
 )
 def test_tal_equals_loop_reference(make_batch, device, seed, topk, alpha, beta, max_gt, batch_size):
     # Default batches end with an image without GT; topk 300 > A = 257 takes every anchor.
-    inputs = _as_float64(make_batch(seed, batch_size=batch_size, max_gt=max_gt, device=device))
+    inputs = as_float64(make_batch(seed, batch_size=batch_size, max_gt=max_gt, device=device))
     assert not bool(inputs.gt_mask[-1].any())
     out = assigners.build("tal", topk=topk, alpha=alpha, beta=beta, warmup_iters=0)(inputs)
     assert out.gt_index.device.type == device
@@ -145,7 +134,7 @@ def test_tal_equals_loop_reference(make_batch, device, seed, topk, alpha, beta, 
 
 def test_tal_default_parameters_are_tood(make_batch):
     # build("tal") with no arguments is topk 13, alpha 1, beta 6, no warm-up.
-    inputs = _as_float64(make_batch(11, batch_size=3, max_gt=6))
+    inputs = as_float64(make_batch(11, batch_size=3, max_gt=6))
     expected_index, expected_soft = tal_reference(inputs, 13, 1.0, 6.0)
     _check_against_reference(assigners.build("tal")(inputs), expected_index, expected_soft)
 
@@ -163,7 +152,7 @@ def test_tal_float32_matches_reference_on_float32(make_batch):
 
 def test_tal_does_not_need_strides(make_batch):
     # TAL has no centre prior in strides: strides=None gives the same result.
-    inputs = _as_float64(make_batch(5, batch_size=3, max_gt=6))
+    inputs = as_float64(make_batch(5, batch_size=3, max_gt=6))
     tal = assigners.build("tal")
     with_strides = tal(inputs)
     without = tal(dataclasses.replace(inputs, strides=None))
@@ -330,7 +319,7 @@ def test_soft_target_maxima_are_over_the_final_positives_only():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_warmup_is_atss_with_anchor_iou_targets(make_batch, seed):
-    inputs = _as_float64(make_batch(seed, batch_size=3, max_gt=6))
+    inputs = as_float64(make_batch(seed, batch_size=3, max_gt=6))
     tal = assigners.build("tal", warmup_iters=5)
     atss_index = assigners.build("atss", topk=9)(inputs).gt_index
     assert bool((atss_index >= 0).any())
@@ -354,14 +343,14 @@ def test_warmup_is_atss_with_anchor_iou_targets(make_batch, seed):
 
 def test_warmup_differs_from_tal_on_this_batch(make_batch):
     # Guard that the warm-up test above compares two different assignments.
-    inputs = _as_float64(make_batch(0, batch_size=3, max_gt=6))
+    inputs = as_float64(make_batch(0, batch_size=3, max_gt=6))
     atss_index = assigners.build("atss", topk=9)(inputs).gt_index
     tal_index, _ = tal_reference(inputs, 13, 1.0, 6.0)
     assert not torch.equal(atss_index, tal_index)
 
 
 def test_no_warmup_ignores_the_iteration(make_batch):
-    inputs = _as_float64(make_batch(1, batch_size=3, max_gt=6))
+    inputs = as_float64(make_batch(1, batch_size=3, max_gt=6))
     tal = assigners.build("tal", warmup_iters=0)
     first = tal(inputs)
     tal.set_iteration(0)
