@@ -110,7 +110,10 @@ def environment_summary(runs: list[Run]) -> str:
             text = "environment not recorded"
         else:
             versions = env.get("versions") or {}
-            text = (f"{env.get('device')} ({env.get('device_type')}, {env.get('threads')} threads), "
+            cpu = env.get("cpu") or {}
+            cpu_text = (f", {cpu.get('capability')} cpu {cpu.get('family_model_stepping')} flags {cpu.get('flags_hash')}"
+                        if cpu else ", cpu signature not recorded")
+            text = (f"{env.get('device')} ({env.get('device_type')}, {env.get('threads')} threads{cpu_text}), "
                     f"torch {versions.get('torch')}, data {env.get('data_hash')}")
         if text not in seen:
             seen.append(text)

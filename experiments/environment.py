@@ -38,6 +38,32 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_signature() -> dict[str, str | None]:
+    """What tells two CPUs apart when virtual machines name them alike ("AMD EPYC"): the SIMD level torch
+    dispatches its kernels for (``torch.backends.cpu.get_cpu_capability``, e.g. AVX2 or AVX512), the
+    family/model/stepping numbers and a hash of the feature flags from /proc/cpuinfo (None off Linux).
+
+    Two machines with one name but different kernels round floating point differently, so the same
+    seed trains to another AP: this is the record that says so.
+    """
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("cpu family", "model", "stepping", "flags") and key not in fields:
+                fields[key] = value.strip()
+    except OSError:
+        pass
+    flags = fields.get("flags")
+    return {
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "family_model_stepping": "/".join(fields.get(k, "?") for k in ("cpu family", "model", "stepping"))
+        if fields else None,
+        "flags_hash": hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:12] if flags else None,
+    }
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -63,6 +89,7 @@ def describe_environment(device: torch.device, annotation_files: list[Path], wor
         "versions": {"python": platform.python_version(), **library_versions()},
         "device": device_name(device),
         "device_type": device.type,
+        "cpu": cpu_signature(),
         "threads": torch.get_num_threads(),
         "world_size": world_size,
         "platform": platform.platform(),
@@ -71,4 +98,4 @@ def describe_environment(device: torch.device, annotation_files: list[Path], wor
     }
 
 
-__all__ = ["LIBRARIES", "cpu_name", "describe_environment", "device_name", "file_digest", "library_versions"]
+__all__ = ["LIBRARIES", "cpu_name", "cpu_signature", "describe_environment", "device_name", "file_digest", "library_versions"]

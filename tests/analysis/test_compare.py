@@ -23,7 +23,8 @@ def test_verdict_uses_mean_plus_minus_two_sample_stds():
 
 def test_compare_pairs_variants_by_label_and_names_both_environments(tmp_path, capsys):
     here, ref = tmp_path / "runs" / "demo", tmp_path / "reference" / "demo"
-    env = {"device": "CPU-A", "device_type": "cpu", "threads": 2, "versions": {"torch": "2.x"}, "data_hash": "ab"}
+    env = {"device": "CPU-A", "device_type": "cpu", "threads": 2, "versions": {"torch": "2.x"}, "data_hash": "ab",
+           "cpu": {"capability": "AVX2", "family_model_stepping": "25/1/1", "flags_hash": "f1"}}
     _run(here, "IoU+none", 0, 11.0, env)
     _run(here, "PAA+IoU", 0, 30.0, env)
     for seed, ap in enumerate([10.0, 12.0, 14.0]):
@@ -34,7 +35,8 @@ def test_compare_pairs_variants_by_label_and_names_both_environments(tmp_path, c
     assert [(r.variant, r.verdict.split(" ")[0]) for r in rows] == [("PAA+IoU", "outside"), ("IoU+none", "within")]
     assert main([str(here), str(ref), "--out", str(tmp_path / "cmp.md")]) == 0
     text = capsys.readouterr().out
-    assert "CPU-A (cpu, 2 threads), torch 2.x, data ab" in text and "environment not recorded" in text
+    assert "CPU-A (cpu, 2 threads, AVX2 cpu 25/1/1 flags f1), torch 2.x, data ab" in text
+    assert "environment not recorded" in text
     assert (tmp_path / "cmp.md").read_text().strip() == text.strip()
     assert main([str(tmp_path / "absent"), str(ref)]) == 1
 

@@ -113,3 +113,4 @@ def test_new_metrics_has_every_contract_field_and_legacy_assigner_names_map():
     assert list(metrics) == METRIC_FIELDS
     assert (metrics["variant"], metrics["seed"], metrics["AP"], metrics["ap_curve"]) == ("PAA+IoU", 2, None, [])
     assert canonical_assigner("iou") == "max_iou" and canonical_assigner("atss") == "atss"
+
