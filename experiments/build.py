@@ -81,7 +81,7 @@ def build_datasets(cfg: DictConfig):
     min_size = OmegaConf.to_object(sched.min_size) if OmegaConf.is_list(sched.min_size) else sched.min_size
     train_set = build_dataset(
         data.name, data.train_split, train=True, min_size=min_size, max_size=sched.max_size,
-        flip_prob=data.flip_prob, **common,
+        flip_prob=data.flip_prob, filter_empty=bool(data.get("filter_empty", False)), **common,
     )
     val_base = build_dataset(
         data.name, data.val_split, train=False, min_size=sched.test_min_size, max_size=sched.max_size,

@@ -26,6 +26,7 @@ def build_dataset(
     max_size: int = 1333,
     flip_prob: float = 0.5,
     digits_params: dict | None = None,
+    filter_empty: bool = False,
 ) -> CocoDetection:
     """The ``split`` ("train" or "val") of data set ``name`` ("digits" or "coco").
 
@@ -33,7 +34,7 @@ def build_dataset(
         root: for "digits", the data root (``data_root``); the set is generated there on first use with
             ``build_digits(root, **digits_params)``. For "coco", the COCO 2017 folder holding ``train2017/``,
             ``val2017/`` and ``annotations/instances_{train,val}2017.json``; default ``<data root>/coco``.
-        train, min_size, max_size, flip_prob: passed to ``CocoDetection``.
+        train, min_size, max_size, flip_prob, filter_empty: passed to ``CocoDetection``.
         digits_params: overrides of ``DIGITS_DEFAULTS`` (and optionally ``num_workers``); digits only.
 
     Raises:
@@ -54,4 +55,5 @@ def build_dataset(
                 raise DatasetError(f"COCO 2017 {split} split not found: {path} does not exist")
     else:
         raise ValueError(f"unknown dataset {name!r}; expected 'digits' or 'coco'")
-    return CocoDetection(image_dir, ann_file, train=train, min_size=min_size, max_size=max_size, flip_prob=flip_prob)
+    return CocoDetection(image_dir, ann_file, train=train, min_size=min_size, max_size=max_size, flip_prob=flip_prob,
+                         filter_empty=filter_empty)

@@ -40,6 +40,9 @@ class CocoDetection(torch.utils.data.Dataset):
             image). Evaluation uses the *first* element of a list, so put the test scale first.
         max_size: cap on the longer side in pixels.
         flip_prob: probability of a horizontal flip in training.
+        filter_empty: drop the images that have no annotation wider and taller than 1 pixel (crowd ones
+            count), as the official PAA/ATSS training set does (maskrcnn-benchmark's
+            ``remove_images_without_annotations`` with ``has_valid_annotation``); for COCO training.
 
     Item ``i`` is ``(image, target)``:
 
@@ -51,7 +54,7 @@ class CocoDetection(torch.utils.data.Dataset):
       resizing; ``target["scale"]``: float, resized / original side length. Boxes are scaled per axis by the
       exact ratio of the rounded output size, which differs from ``scale`` by under half a pixel over the image.
 
-    Images without annotations are kept (they train as all-negative).
+    Without ``filter_empty``, images without annotations are kept (they train as all-negative).
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class CocoDetection(torch.utils.data.Dataset):
         min_size: int | list[int] = 800,
         max_size: int = 1333,
         flip_prob: float = 0.5,
+        filter_empty: bool = False,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
@@ -76,10 +80,17 @@ class CocoDetection(torch.utils.data.Dataset):
 
         self.coco = _load_coco(self.ann_file)
         self.ids: list[int] = sorted(self.coco.imgs)
+        if filter_empty:
+            self.ids = [image_id for image_id in self.ids if self._has_valid_annotation(image_id)]
         self.label_to_category_id: list[int] = sorted(self.coco.cats)
         self.category_names: list[str] = [self.coco.cats[cat_id]["name"] for cat_id in self.label_to_category_id]
         self.num_classes = len(self.label_to_category_id)
         self._sanitise()
+
+    def _has_valid_annotation(self, image_id: int) -> bool:
+        """Whether the image has an annotation (crowd or not) whose box is wider and taller than 1 pixel."""
+        annotations = self.coco.imgToAnns.get(image_id, [])
+        return any(len(a.get("bbox", ())) == 4 and a["bbox"][2] > 1 and a["bbox"][3] > 1 for a in annotations)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -258,3 +258,15 @@ def test_build_dataset_coco_layout_and_errors(tmp_path):
         build_dataset("voc", "val", root=tmp_path, train=False)
     with pytest.raises(ValueError, match="unknown split"):
         build_dataset("coco", "test", root=tmp_path, train=False)
+
+
+def test_filter_empty_keeps_images_with_an_annotation_above_one_pixel(tmp_path):
+    # Image 1: a 10 x 6 box; 2: none; 3: only a 1-px-wide box (official: empty); 4: a crowd box only (kept,
+    # the official rule counts crowd annotations).
+    images = [{"id": i, "file_name": f"{i}.png", "width": 40, "height": 20} for i in (1, 2, 3, 4)]
+    annotations = [{"bbox": [4, 2, 10, 6], "category_id": 7, "image_id": 1},
+                   {"bbox": [4, 2, 1, 6], "category_id": 7, "image_id": 3},
+                   {"bbox": [0, 0, 20, 10], "category_id": 3, "image_id": 4, "iscrowd": 1}]
+    image_dir, ann_file = write_coco(tmp_path, annotations, images=images)
+    assert CocoDetection(image_dir, ann_file, train=True, filter_empty=True).ids == [1, 4]
+    assert CocoDetection(image_dir, ann_file, train=True).ids == [1, 2, 3, 4]
