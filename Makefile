@@ -9,6 +9,7 @@ STAMP := $(VENV)/.assignbench-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps 'tidecv==1.0.1'  # test oracle of experiments/tide.py (see pyproject's dev extra)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,7 +4,8 @@
 script (also ``python -m analysis.report``). Outputs, all in ``results/<grid>/``:
 ``table.md``, ``table.csv``, ``table.tex`` (analysis.tables: mean ± std over seeds, the paired
 ΔAP [95% CI] against the grid's baseline variant from ``analysis.bootstrap``, the convergence mark), ``positives.png``, ``ap.png``,
-``ap_curve.png`` and ``assignments.png`` (analysis.plots). A plot without data is skipped with
+``ap_curve.png`` and ``assignments.png`` (analysis.plots); ``errors.md``, ``errors.csv`` and
+``errors.png``, the TIDE error analysis (analysis.errors). A plot without data is skipped with
 a log note; a missing grid directory or a grid without runs raises ``ResultsError``.
 """
 
@@ -15,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from analysis.errors import write_errors
 from analysis.plots import plot_ap, plot_ap_curve, plot_assignments, plot_positives
 from analysis.runs import (
     DONE,
@@ -69,6 +71,7 @@ def write_report(grid_dir: Path) -> dict[str, Path]:
         path = plot(grid_dir / name)
         if path is not None:
             written[name] = path
+    written.update(write_errors(grid_dir, runs, order))
     counts = frame["status"].value_counts()
     log.info(
         "%s: %d variants, %d runs (%d done, %d failed, %d incomplete)",

@@ -36,6 +36,7 @@ from .errors import ConfigError, NonFiniteLossError, NonFiniteWeightsError, RunI
 from .loggers import LoggerHook, build_logger
 from .matches import compute_matches, save_matches
 from .runfiles import FAILED, RunPaths, StatsWriter, atomic_write_text, new_metrics, write_metrics
+from .tide import tide_errors
 from .trainer import Trainer, TrainState
 
 __all__ = [
@@ -259,6 +260,8 @@ def finish_run(run: Run, state: TrainState, overrides: list[str], **extra: Any) 
     )
     metrics.update(extra)
     if run.dist_info.is_main:
+        # What the AP lost went to, by error type (TIDE), from the same final detections.
+        metrics["errors"] = tide_errors(run.val_base.coco, state.last_results)
         # The final detections as COCO results, so any COCO tool can re-score them.
         atomic_write_text(run.paths.detections, json.dumps(state.last_results))
         # Per-image COCOeval matches of the final detections: what the paired bootstrap CIs resample.

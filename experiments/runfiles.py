@@ -54,6 +54,13 @@ LOSS_FIELDS = ("loss_cls", "loss_box", "loss_quality")
 # The stats.csv columns that come from the assignment (``assigners.assignment_stats``) and its timing.
 ASSIGNMENT_STATS_FIELDS = tuple(f for f in STATS_FIELDS if f != "iter" and f not in LOSS_FIELDS)
 
+# metrics.json "errors": TIDE's dAP per error type (experiments.tide), plus "ap" (TIDE's AP at IoU 0.5) and
+# "counts" (errors of each main type).
+MAIN_ERRORS = ("cls", "loc", "both", "dupe", "bkg", "miss")
+SPECIAL_ERRORS = ("fp", "fn")
+ERROR_NAMES = {"cls": "classification", "loc": "localisation", "both": "both cls and loc", "dupe": "duplicate",
+               "bkg": "background", "miss": "missed", "fp": "false positives", "fn": "false negatives"}
+
 METRIC_FIELDS = [
     "status",
     "error",
@@ -71,6 +78,7 @@ METRIC_FIELDS = [
     "scorer",
     "overrides",
     "ap_curve",
+    "errors",  # TIDE dAP per error type of the final detections (experiments.tide), or null
 ]
 
 # Component names of older results, read under their current name (the MaxIoU assigner was ``iou``).
