@@ -5,7 +5,8 @@ script (also ``python -m analysis.report``). Outputs, all in ``results/<grid>/``
 ``table.md``, ``table.csv``, ``table.tex`` (analysis.tables: mean ± std over seeds, the paired
 ΔAP [95% CI] against the grid's baseline variant from ``analysis.bootstrap``, the convergence mark), ``positives.png``, ``ap.png``,
 ``ap_curve.png`` and ``assignments.png`` (analysis.plots); ``errors.md``, ``errors.csv`` and
-``errors.png``, the TIDE error analysis (analysis.errors). A plot without data is skipped with
+``errors.png``, the TIDE error analysis (analysis.errors); ``report.html``, all of it in one
+self-contained page (analysis.html). A plot without data is skipped with
 a log note; a missing grid directory or a grid without runs raises ``ResultsError``.
 """
 
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from analysis.errors import write_errors
+from analysis.html import REPORT_FILE, write_html
 from analysis.plots import plot_ap, plot_ap_curve, plot_assignments, plot_positives
 from analysis.runs import (
     DONE,
@@ -72,6 +74,7 @@ def write_report(grid_dir: Path) -> dict[str, Path]:
         if path is not None:
             written[name] = path
     written.update(write_errors(grid_dir, runs, order))
+    written[REPORT_FILE] = write_html(grid_dir)  # last: it embeds everything above
     counts = frame["status"].value_counts()
     log.info(
         "%s: %d variants, %d runs (%d done, %d failed, %d incomplete)",
