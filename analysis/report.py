@@ -53,6 +53,26 @@ def assignment_rows(runs: list[Run], order: list[str]) -> list[tuple[str, Assign
     return rows
 
 
+def detections_plot(runs: list[Run], order: list[str], path: Path) -> Path | None:
+    """``assignbench-show`` of the lowest-seed done run of each variant that kept its ``detections.json``;
+    None (with a log note) when no run has one (committed reference runs do not) or its data is not here."""
+    from analysis.show import draw_detections
+
+    chosen = []
+    for variant in order:
+        candidates = [r for r in runs if r.variant == variant and r.status == DONE and (r.path / "detections.json").is_file()]
+        if candidates:
+            chosen.append(min(candidates, key=lambda r: (r.seed if r.seed is not None else -1, r.name)).path)
+    if not chosen:
+        log.info("skipped %s: no run kept its detections.json", path.name)
+        return None
+    try:
+        return draw_detections(chosen, path)
+    except ResultsError as exc:
+        log.info("skipped %s: %s", path.name, exc)
+        return None
+
+
 def write_report(grid_dir: Path) -> dict[str, Path]:
     """Write the tables and plots of ``results/<grid>/`` into it; returns file name -> path written.
 
@@ -74,6 +94,9 @@ def write_report(grid_dir: Path) -> dict[str, Path]:
         if path is not None:
             written[name] = path
     written.update(write_errors(grid_dir, runs, order))
+    detections = detections_plot(runs, order, grid_dir / "detections.png")
+    if detections is not None:
+        written["detections.png"] = detections
     written[REPORT_FILE] = write_html(grid_dir)  # last: it embeds everything above
     counts = frame["status"].value_counts()
     log.info(

@@ -123,11 +123,12 @@ def report(tmp_path_factory):
 
 def test_writes_every_output(report):
     grid, written = report
-    names = ["table.md", "table.csv", "table.tex", "positives.png", "ap.png", "ap_curve.png", "assignments.png"]
+    names = ["table.md", "table.csv", "table.tex", "positives.png", "ap.png", "ap_curve.png", "assignments.png",
+             "report.html"]
     assert list(written) == names
     for name in names:
         assert written[name] == grid / name and written[name].stat().st_size > 0
-    for name in names[3:]:
+    for name in names[3:-1]:
         with Image.open(grid / name) as image:
             image.verify()
             assert image.format == "PNG"
@@ -182,7 +183,7 @@ def test_only_failed_runs_still_write_a_table(tmp_path):
         run.mkdir(parents=True)
         (run / "metrics.json").write_text(json.dumps(_metrics("failed", seed, "fsr", error=f"error {seed}")))
     written = write_report(grid)
-    assert set(written) == {"table.md", "table.csv", "table.tex"}  # every plot skipped: no done run
+    assert set(written) == {"table.md", "table.csv", "table.tex", "report.html"}  # every plot skipped: no done run
     markdown = (grid / "table.md").read_text()
     assert "| fsr+iou | – |" in markdown and "| 0 | 2 | 0 |" in markdown
     assert "- fsr+iou, seed 0 (`fsr+iou-s0`): failed: `error 0`" in markdown
@@ -196,7 +197,7 @@ def test_report_without_stats_skips_the_positives_plot(tmp_path):
     (grid / "iou+none-s0" / "metrics.json").write_text(json.dumps(_metrics("done", 0, "iou", 20.0, 35.0)))
     (grid / "positives.png").write_bytes(b"stale")  # from an earlier report: must not survive
     written = write_report(grid)
-    assert set(written) == {"table.md", "table.csv", "table.tex", "ap.png", "ap_curve.png"}
+    assert set(written) == {"table.md", "table.csv", "table.tex", "ap.png", "ap_curve.png", "report.html"}
     assert not (grid / "positives.png").exists()
 
 

@@ -53,7 +53,8 @@ def test_grid_runs_every_variant_and_writes_the_report(grid, tmp_path):
                                 / f"{run.rsplit('-s', 1)[0]}.yaml").get("rescore_from")
         if source:  # a variant that only changes inference shares its sibling's weights
             assert metrics["rescored_from"] == f"{source}-s0", run
-    for name in ("table.md", "table.csv", "table.tex", "grid.json", "errors.md", "errors.png"):
+    for name in ("table.md", "table.csv", "table.tex", "grid.json", "errors.md", "errors.png", "detections.png",
+                 "report.html"):
         assert (grid_dir / name).exists(), name
     grid_file = json.loads((grid_dir / "grid.json").read_text())
     assert len(grid_file["variants"]) == len(variants) and grid_file["baseline"] in grid_file["variants"]
