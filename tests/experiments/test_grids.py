@@ -58,3 +58,26 @@ def test_grid_runs_every_variant_and_writes_the_report(grid, tmp_path):
         assert (grid_dir / name).exists(), name
     grid_file = json.loads((grid_dir / "grid.json").read_text())
     assert len(grid_file["variants"]) == len(variants) and grid_file["baseline"] in grid_file["variants"]
+
+
+@pytest.mark.slow
+def test_a_grid_runs_through_the_submitit_launcher_and_resumes(tmp_path):
+    """The cluster path (``hydra/launcher=submitit_slurm``) with Hydra's ``submitit_local`` launcher: the same
+    plugin, with local processes instead of SLURM jobs. Every run done, the report written; a rerun trains
+    nothing (the metrics files are not rewritten)."""
+    cmd = [sys.executable, "-m", "experiments.train", "-m", "grid=demo", "hydra/launcher=submitit_local",
+           f"data.root={tmp_path / 'data'}", f"results_root={tmp_path / 'results'}", *TINY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    grid_dir = tmp_path / "results" / "demo"
+    metrics = sorted(grid_dir.glob("*-s0/metrics.json"))
+    assert [m.parent.name for m in metrics] == ["atss_centerness-s0", "iou_none-s0", "paa_iou-s0"]
+    assert all(json.loads(m.read_text())["status"] == "done" for m in metrics)
+    assert (grid_dir / "table.md").is_file() and (grid_dir / "report.html").is_file()
+    assert (grid_dir / ".submitit").is_dir()  # the jobs went through submitit
+    written = {m: m.stat().st_mtime_ns for m in metrics}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {m: m.stat().st_mtime_ns for m in metrics} == written
+    logs = "".join(p.read_text() for p in (grid_dir / ".submitit").rglob("*_log.out"))
+    assert logs.count("already done, skipped") == 3
