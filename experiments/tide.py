@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -205,4 +206,54 @@ def tide_errors(coco_gt: Any, results: list[dict], *, pos: float = 0.5, bg: floa
     return errors
 
 
-__all__ = ["class_ap", "mean_ap", "tide_errors"]
+def add_errors(run_dir: Path) -> dict[str, Any]:
+    """Compute ``errors`` of a finished run from its ``detections.json`` and the val annotations its
+    ``metrics.json`` names, and write them into that ``metrics.json`` (runs finished before error analyses
+    existed). Returns the errors; FileNotFoundError / ValueError naming what is missing."""
+    import contextlib
+    import io
+    import json
+
+    from pycocotools.coco import COCO
+
+    from .runfiles import RunPaths, read_metrics, write_metrics
+
+    paths = RunPaths(run_dir)
+    metrics = read_metrics(paths.metrics)
+    if not metrics or metrics.get("status") != "done":
+        raise ValueError(f"{paths.metrics}: not a done run")
+    annotations = (metrics.get("environment") or {}).get("annotations") or []
+    if len(annotations) < 2 or not Path(annotations[1]).is_file():
+        raise FileNotFoundError(f"{run_dir}: the val annotations its metrics.json names are not here: {annotations}")
+    if not paths.detections.is_file():
+        raise FileNotFoundError(f"{paths.detections} does not exist (detections are kept by runs, not committed)")
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(annotations[1]))
+    metrics["errors"] = tide_errors(coco, json.loads(paths.detections.read_text()))
+    write_metrics(paths.metrics, metrics)
+    return metrics["errors"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m experiments.tide RUN_DIR [...]``: add the error analysis to finished runs (``add_errors``)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m experiments.tide", description=main.__doc__)
+    parser.add_argument("run_dirs", nargs="+", type=Path)
+    status = 0
+    for run_dir in parser.parse_args(argv).run_dirs:
+        try:
+            errors = add_errors(run_dir)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"experiments.tide: error: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"[assignbench] {run_dir}: " + "  ".join(f"{k} {errors[k]:.2f}" for k in (*MAIN_ERRORS, "fp", "fn")))
+    return status
+
+
+__all__ = ["add_errors", "class_ap", "main", "mean_ap", "tide_errors"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -145,3 +145,26 @@ def test_equals_the_reference_code(seed):
     assert ours["fp"] == pytest.approx(special[FalsePositiveError], abs=1e-9)
     assert ours["fn"] == pytest.approx(special[FalseNegativeError], abs=1e-9)
     assert ours["counts"] == {k: len(run.error_dict[v]) for k, v in kinds.items()}
+
+
+def test_add_errors_to_a_finished_run(tmp_path, capsys):
+    import json
+
+    from experiments.tide import main
+
+    images = {1: [(1, GT_BOX, False)]}
+    ann = tmp_path / "instances_val.json"
+    coco = make_coco(images)
+    ann.write_text(json.dumps(coco.dataset))
+    run = tmp_path / "g" / "a-s0"
+    run.mkdir(parents=True)
+    from experiments.runfiles import METRIC_FIELDS
+
+    metrics = dict.fromkeys(METRIC_FIELDS) | {"status": "done", "environment": {"annotations": [str(ann), str(ann)]}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "detections.json").write_text(json.dumps([det(1, 1, [150, 150, 20, 20], 0.95), det(1, 1, GT_BOX, 0.9)]))
+    assert main([str(run)]) == 0
+    errors = json.loads((run / "metrics.json").read_text())["errors"]
+    assert errors["ap"] == pytest.approx(50.0) and errors["bkg"] == pytest.approx(50.0)
+    (run / "detections.json").unlink()
+    assert main([str(run)]) == 1 and "detections.json does not exist" in capsys.readouterr().err
