@@ -59,7 +59,7 @@ def test_show_draws_each_runs_detections(tmp_path, capsys):
     assert main([*map(str, runs), "--images", "3"]) == 0
     out = tmp_path / "grid" / "detections.png"
     width, height = Image.open(out).size
-    assert height > width > 0  # two columns of runs, three rows of images (3 x 3 inches each)
+    assert height > width > 0  # two columns of runs, three rows of images (square panels)
     # A run without detections.json is named in the error.
     (runs[1] / "detections.json").unlink()
     assert main([*map(str, runs)]) == 1
