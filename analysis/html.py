@@ -55,7 +55,7 @@ def markdown_to_html(text: str, table_class: str) -> str:
     while index < len(lines):
         line = lines[index]
         if line.startswith("#"):
-            level = min(len(line) - len(line.lstrip("#")) + 1, 6)  # the page title is the h1
+            level = min(len(line) - len(line.lstrip("#")), 6)
             out.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
         elif line.startswith("|") and index + 1 < len(lines) and set(lines[index + 1].replace("|", "").strip()) <= set(":- "):
             header = _cells(line)
@@ -91,7 +91,8 @@ def _image(path: Path) -> str:
 def write_html(grid_dir: Path) -> Path:
     """Write ``report.html`` from the report files in ``grid_dir``; returns its path."""
     grid_dir = Path(grid_dir)
-    body = [f"<h1>assignbench grid <code>{html.escape(grid_dir.name)}</code></h1>"]
+    # table.md's own heading is the page's title; without it, one is made.
+    body = [] if (grid_dir / "table.md").is_file() else [f"<h1>assignbench grid <code>{html.escape(grid_dir.name)}</code></h1>"]
     for name, table_class in SECTIONS:
         path = grid_dir / name
         if path.is_file():

@@ -15,7 +15,7 @@ from .test_report import RUNS, build_grid
 def test_markdown_tables_lists_and_escaping():
     text = "# t\n\n| a | b |\n|:--|--:|\n| x<y | **1.0** |\n| `z` | 2 |\n\n- one\n- two\n\nend & done\n"
     page = markdown_to_html(text, "results")
-    assert page.startswith("<h2>t</h2>")
+    assert page.startswith("<h1>t</h1>")
     assert ('<table class="results"><thead><tr><th>a</th><th>b</th></tr></thead><tbody>'
             "<tr><td>x&lt;y</td><td><strong>1.0</strong></td></tr><tr><td><code>z</code></td><td>2</td></tr>"
             "</tbody></table>") in page
