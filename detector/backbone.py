@@ -135,9 +135,9 @@ class ResNetBackbone(nn.Module):
 
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        for level in sorted(set(dcn_stages)):
-            deform_residual_blocks(getattr(self, f"layer{level - 1}"))
         self.dcn_stages = tuple(sorted(set(dcn_stages)))
+        for level in self.dcn_stages:
+            deform_residual_blocks(getattr(self, f"layer{level - 1}"))
         expansion = type(net.layer1[0]).expansion  # 1 for BasicBlock, 4 for Bottleneck
         self.out_channels = {level: 64 * 2 ** (level - 2) * expansion for level in (2, 3, 4, 5)}
         self.return_levels = tuple(sorted(return_levels))

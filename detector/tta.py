@@ -1,4 +1,4 @@
-"""Test-time augmentation: flipping detections back, size filtering per scale, and the merge of
+"""Test-time augmentation: size filtering per scale, and the merge of
 the detections of several test transforms (the official ``TEST.BBOX_AUG`` of kkhoot/PAA, inherited
 from ATSS: ``paa_core/engine/bbox_aug_vote.py``).
 
@@ -22,11 +22,6 @@ from torch import Tensor
 from torchvision.ops import batched_nms, box_iou
 
 MERGES = ("soft-vote", "vote", "nms")
-
-
-def hflip_boxes(boxes: Tensor, width: float) -> Tensor:
-    """(N, 4) xyxy boxes of an image ``width`` pixels wide, mirrored: x -> width - x (x1 and x2 swap)."""
-    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
 def in_area_range(boxes: Tensor, low: float, high: float) -> Tensor:
@@ -109,4 +104,4 @@ def merge_detections(boxes: Tensor, scores: Tensor, labels: Tensor, *, merge: st
     return {"boxes": boxes[order], "scores": scores[order], "labels": labels[order]}
 
 
-__all__ = ["MERGES", "hflip_boxes", "in_area_range", "merge_detections", "vote_one_class"]
+__all__ = ["MERGES", "in_area_range", "merge_detections", "vote_one_class"]

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from detector import postprocess
-from detector.tta import MERGES, hflip_boxes, in_area_range, merge_detections
+from detector.tta import MERGES, in_area_range, merge_detections
 
+from .data.coco import hflip_boxes
 from .errors import ConfigError
 from .evaluation import detections_to_coco, iou_prediction_error
 

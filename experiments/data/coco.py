@@ -22,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 
-__all__ = ["CocoDetection", "DatasetError", "collate"]
+__all__ = ["CocoDetection", "DatasetError", "collate", "hflip_boxes"]
 
 
 class DatasetError(ValueError):
@@ -119,8 +119,8 @@ class CocoDetection(torch.utils.data.Dataset):
         if self.train and self.flip_prob > 0 and torch.rand(()).item() < self.flip_prob:
             image_tensor = image_tensor.flip(-1)
             width = target["size"][1]
-            target["boxes"] = _hflip_boxes(target["boxes"], width)
-            target["crowd_boxes"] = _hflip_boxes(target["crowd_boxes"], width)
+            target["boxes"] = hflip_boxes(target["boxes"], width)
+            target["crowd_boxes"] = hflip_boxes(target["crowd_boxes"], width)
         return image_tensor, target
 
     def load_resized(self, index: int, min_size: int | None = None) -> tuple[torch.Tensor, dict]:
@@ -295,7 +295,7 @@ def _fill_eval_defaults(dataset: dict) -> None:
             ann["area"] = float(max(width, 0) * max(height, 0))
 
 
-def _hflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
+def hflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
     """Mirror (N, 4) xyxy boxes in an image ``width`` pixels wide: x -> width - x, swapping x0 and x1."""
     return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .coco import DatasetError, _hflip_boxes, padded_size
+from .coco import DatasetError, hflip_boxes, padded_size
 
 __all__ = ["ResidentBatches", "index_loader", "resident_images"]
 
@@ -135,8 +135,8 @@ class ResidentBatches:
         for i, flip in zip(indices, flips):
             target = dict(self.targets[i])
             if flip:
-                target["boxes"] = _hflip_boxes(target["boxes"], self.width)
-                target["crowd_boxes"] = _hflip_boxes(target["crowd_boxes"], self.width)
+                target["boxes"] = hflip_boxes(target["boxes"], self.width)
+                target["crowd_boxes"] = hflip_boxes(target["crowd_boxes"], self.width)
             targets.append(target)
         return images, targets
 

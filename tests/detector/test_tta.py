@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from detector.tta import hflip_boxes, in_area_range, merge_detections, vote_one_class
+from detector.tta import in_area_range, merge_detections, vote_one_class
+from experiments.data.coco import hflip_boxes
 
 
 def test_hflip_mirrors_and_swaps_the_x_sides():
