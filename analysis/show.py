@@ -27,7 +27,7 @@ from PIL import Image
 
 from analysis.plots import _save
 from analysis.runs import ResultsError
-from experiments.runfiles import RunPaths, read_metrics
+from experiments.runfiles import RunPaths, read_metrics, val_annotation_file
 from experiments.showcase import showcase_image_ids
 
 DEFAULT_SCORE = 0.3
@@ -37,14 +37,10 @@ PANEL_INCHES = 2.2  # 264 px at the reports' 120 dpi, twice a digits image
 
 def val_annotations(run_dir: Path) -> Path:
     """The val annotation file a run was evaluated on (``metrics.json`` environment); ResultsError if unknown."""
-    metrics = read_metrics(RunPaths(run_dir).metrics) or {}
-    files = (metrics.get("environment") or {}).get("annotations") or []
-    if len(files) < 2:
-        raise ResultsError(f"{run_dir}: metrics.json does not name its annotation files (environment.annotations)")
-    path = Path(files[1])
-    if not path.is_file():
-        raise ResultsError(f"{run_dir}: its val annotations {path} are not here (generate the data first)")
-    return path
+    try:
+        return val_annotation_file(run_dir)
+    except FileNotFoundError as exc:
+        raise ResultsError(str(exc)) from exc
 
 
 def image_dir_of(ann_file: Path) -> Path:

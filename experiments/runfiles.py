@@ -244,6 +244,20 @@ def read_metrics(path: str | Path) -> dict[str, Any] | None:
     return metrics if isinstance(metrics, dict) else None
 
 
+def val_annotation_file(run_dir: str | Path) -> Path:
+    """The val annotation file a run was evaluated on: the second of ``environment.annotations`` in its
+    ``metrics.json`` (``describe_environment`` writes [train, val]). FileNotFoundError naming the run when
+    metrics.json does not name it or the file is not on this machine."""
+    metrics = read_metrics(RunPaths(Path(run_dir)).metrics) or {}
+    files = (metrics.get("environment") or {}).get("annotations") or []
+    if len(files) < 2:
+        raise FileNotFoundError(f"{run_dir}: metrics.json does not name its annotation files (environment.annotations)")
+    path = Path(files[1])
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: its val annotations {path} are not here (generate the data first)")
+    return path
+
+
 def run_is_done(run_dir: str | Path) -> bool:
     """Whether the run's ``metrics.json`` says done."""
     metrics = read_metrics(RunPaths(Path(run_dir)).metrics)

@@ -216,19 +216,17 @@ def add_errors(run_dir: Path) -> dict[str, Any]:
 
     from pycocotools.coco import COCO
 
-    from .runfiles import RunPaths, read_metrics, write_metrics
+    from .runfiles import RunPaths, read_metrics, val_annotation_file, write_metrics
 
     paths = RunPaths(run_dir)
     metrics = read_metrics(paths.metrics)
     if not metrics or metrics.get("status") != "done":
         raise ValueError(f"{paths.metrics}: not a done run")
-    annotations = (metrics.get("environment") or {}).get("annotations") or []
-    if len(annotations) < 2 or not Path(annotations[1]).is_file():
-        raise FileNotFoundError(f"{run_dir}: the val annotations its metrics.json names are not here: {annotations}")
+    ann_file = val_annotation_file(run_dir)
     if not paths.detections.is_file():
         raise FileNotFoundError(f"{paths.detections} does not exist (detections are kept by runs, not committed)")
     with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(str(annotations[1]))
+        coco = COCO(str(ann_file))
     metrics["errors"] = tide_errors(coco, json.loads(paths.detections.read_text()))
     write_metrics(paths.metrics, metrics)
     return metrics["errors"]
