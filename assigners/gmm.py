@@ -10,12 +10,16 @@ one ``sklearn.mixture.GaussianMixture`` per GT with
 and sklearn's defaults otherwise (covariance_type "full", reg_covar 1e-6, tol 1e-3,
 max_iter 100, n_init 1; the k-means initialisation sklearn still runs is overridden by
 these explicit initial values). ``fit_gmm_batched`` reproduces that fit step for step for
-all GTs at once in float64; ``fit_gmm_sklearn`` is the per-GT sklearn loop, kept as the
-oracle for tests and as the speed baseline.
+all GTs at once; ``fit_gmm_triton`` (``gmm_triton``) runs the same EM as one fused Triton
+kernel, one program per GT; ``fit_gmm_sklearn`` is the per-GT sklearn loop, kept as the
+oracle for tests and as the speed baseline. ``fit_gmm`` picks one by name (``GMM_BACKENDS``);
+"auto" is the Triton kernel for CUDA tensors (when Triton is installed), the batched torch
+EM otherwise.
 
 sklearn details reproduced (``sklearn/mixture/_base.py``, ``_gaussian_mixture.py``):
 - E-step: log N(x | mu, var) = -0.5 (log 2 pi + y^2) + log p with p = 1/sqrt(var) and
-  y = x p - mu p; weighted by log w; normalised with logsumexp.
+  y = x p - mu p; weighted by log w; normalised with sklearn's ``_logsumexp`` (for two
+  values a < b: b + log1p(exp(a - b)); for a == b: b + log 2).
 - The lower bound of an iteration is the mean log-likelihood per sample from its E-step.
 - M-step: n_k = sum of responsibilities + 10 * eps(float64); mu = sum(r x) / n_k;
   var = sum(r (x - mu)^2) / n_k + reg_covar; w = n_k / sum(n_k).
@@ -23,6 +27,24 @@ sklearn details reproduced (``sklearn/mixture/_base.py``, ``_gaussian_mixture.py
   with -inf, so never converges); the parameters kept are those after that M-step.
 - A final E-step with the kept parameters gives the labels (argmax of the weighted log
   probability, ties to component 0, as ``numpy.argmax``) and ``score_samples``.
+
+Precision (``dtype``, ``GMM_DTYPES``). The official code hands sklearn the float32 losses of
+the network, and sklearn then fits in a mix of float32 and float64 that ``dtype=float32``
+reproduces: the samples are rounded to float32; the weights, the responsibilities, the
+means, n_k and the lower bound stay float64 (``weights_init`` and ``precisions_init`` are
+Python floats, so float64 arrays, and they promote the responsibilities and means); but
+every value sklearn writes into an array of X's dtype is rounded to float32: x p
+(``X @ precisions_cholesky``), the squared distance y^2, the log-Gaussian
+-0.5 (log 2 pi + y^2) + log p (``log_det`` is float32 from the second iteration on),
+the variance (reg_covar added in float32) and p = 1/sqrt(var). n_k's floor is still
+10 * eps(float64), since the responsibilities are float64. ``dtype=float64`` computes
+everything in float64 (sklearn fed float64 samples). One op cannot be matched bit for bit:
+sklearn takes log p with numpy's float32 ``log``, whose SIMD code is not correctly rounded
+(1 ulp off for about 7% of inputs on an AVX2 machine, and machine dependent); here log p is
+the float64 log rounded to float32, the same on every device and backend. The float32 fit
+therefore agrees with sklearn's to about float32 resolution, not bit for bit (the tests
+measure it). Results are float64 tensors in both precisions (float32 values where sklearn
+holds float32, e.g. the variances).
 """
 
 from __future__ import annotations
@@ -40,10 +62,12 @@ from torch import Tensor
 DEFAULT_MAX_ITER = 100
 DEFAULT_TOL = 1e-3
 DEFAULT_REG_COVAR = 1e-6
-GMM_BACKENDS = ("torch", "sklearn")
+GMM_BACKENDS = ("auto", "torch", "triton", "sklearn")
+GMM_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # the EM precision, by config name
 
 _LOG_2PI = math.log(2.0 * math.pi)
-_EPS = torch.finfo(torch.float64).eps
+_LOG_2 = math.log(2.0)
+_NK_FLOOR = 10.0 * torch.finfo(torch.float64).eps  # sklearn: 10 * eps of the (float64) responsibilities
 
 
 @dataclass(frozen=True)
@@ -52,7 +76,8 @@ class GMMFit:
 
     means, variances, weights: (N, 2) float64; component 0 was initialised at the row's
         minimum (foreground in PAA), component 1 at its maximum. ``variances`` include
-        ``reg_covar`` (sklearn's ``covariances_``).
+        ``reg_covar`` (sklearn's ``covariances_``); with ``dtype=float32`` they hold the
+        float32 values sklearn holds.
     converged: (N,) bool; n_iter: (N,) int64 EM iterations run.
     labels: (N, K) int64 predicted component of every sample (sklearn ``predict``);
         -1 where the mask is False.
@@ -69,22 +94,24 @@ class GMMFit:
     log_density: Tensor
 
 
-def _check_samples(x: Tensor, mask: Tensor) -> None:
+def _check_samples(x: Tensor, mask: Tensor, dtype: torch.dtype) -> None:
     if x.dim() != 2 or mask.shape != x.shape or mask.dtype != torch.bool:
         raise ValueError(f"x must be (N, K) with a bool mask of the same shape, got {tuple(x.shape)} and {tuple(mask.shape)}")
     if x.numel() and bool((mask.sum(dim=1) < 2).any()):
         raise ValueError("every row needs at least 2 valid samples to fit 2 components (as sklearn)")
-    if bool((mask & ~torch.isfinite(x)).any()):
-        raise ValueError("valid samples must be finite")
+    if bool((mask & ~torch.isfinite(x.to(dtype))).any()):
+        raise ValueError(f"valid samples must be finite (in {str(dtype).removeprefix('torch.')}, the EM precision)")
 
 
-def _check_em_params(max_iter: int, tol: float, reg_covar: float) -> None:
+def _check_em_params(max_iter: int, tol: float, reg_covar: float, dtype: torch.dtype) -> None:
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     if tol < 0.0:
         raise ValueError(f"tol must be >= 0, got {tol}")
     if reg_covar < 0.0:
         raise ValueError(f"reg_covar must be >= 0, got {reg_covar}")
+    if dtype not in GMM_DTYPES.values():
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
 
 
 @contextmanager
@@ -108,21 +135,42 @@ def _single_threaded_on_cpu(device: torch.device) -> Iterator[None]:
 
 
 def _weighted_log_prob(x: Tensor, means: Tensor, precisions: Tensor, weights: Tensor) -> Tensor:
-    """(N, K, 2) log w_k + log N(x | mu_k, 1 / p_k^2) of samples x (N, K, 1), with p = precision Cholesky factor."""
-    y = x * precisions.unsqueeze(1) - (means * precisions).unsqueeze(1)
-    log_gauss = -0.5 * (_LOG_2PI + y * y) + torch.log(precisions).unsqueeze(1)
-    return log_gauss + torch.log(weights).unsqueeze(1)
+    """(N, K, 2) float64 log w_k + log N(x | mu_k, 1 / p_k^2) of samples x (N, K, 1).
+
+    x and precisions p (the precision Cholesky factor, (N, 2)) are in the EM dtype, means and
+    weights (N, 2) in float64. In float32 the casts round where sklearn stores into float32
+    arrays (module docstring); in float64 they are no-ops.
+    """
+    dtype = x.dtype
+    scaled = (x * precisions.unsqueeze(1)).to(torch.float64)  # X @ precisions_cholesky
+    y = scaled - (means * precisions.to(torch.float64)).unsqueeze(1)
+    squared = (y * y).to(dtype)
+    log_det = torch.log(precisions.to(torch.float64)).to(dtype)
+    log_gauss = -0.5 * (squared + _LOG_2PI) + log_det.unsqueeze(1)
+    return log_gauss.to(torch.float64) + torch.log(weights).unsqueeze(1)
+
+
+def _logsumexp_pair(weighted_log_prob: Tensor) -> Tensor:
+    """(...) sklearn's ``_logsumexp`` over the last dimension of size 2 (module docstring)."""
+    high = weighted_log_prob.amax(dim=-1)
+    low = weighted_log_prob.amin(dim=-1)
+    return torch.where(low == high, high + _LOG_2, torch.log1p(torch.exp(low - high)) + high)
 
 
 def _precision_cholesky(variances: Tensor) -> Tensor:
-    """Cholesky factor of the precision of 1-D components, 1 / sqrt(variance)."""
-    return 1.0 / torch.sqrt(variances)
+    """Cholesky factor of the precision of 1-D components, 1 / sqrt(variance), in the variances' dtype.
+
+    The float32 square root is taken in float64 and rounded: PyTorch's vectorised CPU ``sqrt``
+    is not correctly rounded (measured: 17% of float32 inputs 1 ulp off), LAPACK's ``spotrf``
+    in sklearn is, and the float64 root rounded to float32 is too.
+    """
+    return 1.0 / torch.sqrt(variances.to(torch.float64)).to(variances.dtype)
 
 
 def _predict(weighted_log_prob: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Labels (argmax, ties to 0) and log-density of a final E-step; padded entries masked."""
     labels = (weighted_log_prob[..., 1] > weighted_log_prob[..., 0]).long()
-    log_density = torch.logsumexp(weighted_log_prob, dim=-1)
+    log_density = _logsumexp_pair(weighted_log_prob)
     return labels.masked_fill(~mask, -1), log_density.masked_fill(~mask, float("-inf"))
 
 
@@ -134,22 +182,24 @@ def fit_gmm_batched(
     max_iter: int = DEFAULT_MAX_ITER,
     tol: float = DEFAULT_TOL,
     reg_covar: float = DEFAULT_REG_COVAR,
+    dtype: torch.dtype = torch.float64,
 ) -> GMMFit:
     """Fit one two-component 1-D mixture per row by EM, all rows at once.
 
-    x: (N, K) samples (converted to float64), mask: (N, K) bool, True for a valid sample;
-    every row needs >= 2 valid (finite) samples. Runs on x's device. Each row follows
-    sklearn's loop on its own valid samples: a row that has converged keeps its
-    parameters while the others iterate, so a row's fit never depends on the other rows.
-    Returns a ``GMMFit``.
+    x: (N, K) samples, mask: (N, K) bool, True for a valid sample; every row needs >= 2
+    valid samples, finite in ``dtype``. dtype: the EM precision, torch.float64 (sklearn fed
+    float64) or torch.float32 (sklearn fed float32, as the official code; module
+    docstring). Runs on x's device. Each row follows sklearn's loop on its own valid
+    samples: a row that has converged keeps its parameters while the others iterate, so a
+    row's fit never depends on the other rows. Returns a ``GMMFit``.
     """
-    _check_samples(x, mask)
-    _check_em_params(max_iter, tol, reg_covar)
+    _check_em_params(max_iter, tol, reg_covar, dtype)
+    _check_samples(x, mask, dtype)
     with _single_threaded_on_cpu(x.device):
-        return _em(x, mask, max_iter, tol, reg_covar)
+        return _em(x, mask, max_iter, tol, reg_covar, dtype)
 
 
-def _em(x: Tensor, mask: Tensor, max_iter: int, tol: float, reg_covar: float) -> GMMFit:
+def _em(x: Tensor, mask: Tensor, max_iter: int, tol: float, reg_covar: float, dtype: torch.dtype) -> GMMFit:
     """The EM loop of ``fit_gmm_batched`` (validated inputs).
 
     A row's parameters are stored at the iteration it converges (later updates of it are
@@ -158,39 +208,38 @@ def _em(x: Tensor, mask: Tensor, max_iter: int, tol: float, reg_covar: float) ->
     a row's result does not depend on which other rows are in the loop (the same values, bit for
     bit, as updating every row in place until all have converged).
     """
-    x = torch.where(mask, x.to(torch.float64), 0.0)
+    x = torch.where(mask, x.to(dtype), 0.0)  # (N, K) samples in the EM dtype
+    x64 = x.to(torch.float64)
     n, _ = x.shape
     device = x.device
     inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
 
     # Initialisation of the official code: means at min / max, unit precisions, w = 0.5.
-    means = torch.stack([torch.where(mask, x, inf).amin(dim=1), torch.where(mask, x, -inf).amax(dim=1)], dim=1)
-    precisions = torch.ones_like(means)  # Cholesky factor of the precision, 1 / std
-    variances = torch.ones_like(means)
+    means = torch.stack([torch.where(mask, x64, inf).amin(dim=1), torch.where(mask, x64, -inf).amax(dim=1)], dim=1)
+    precisions = torch.ones_like(means, dtype=dtype)  # Cholesky factor of the precision, 1 / std
     weights = torch.full_like(means, 0.5)
     fitted = torch.zeros(n, 6, dtype=torch.float64, device=device)  # means, variances, weights
     converged = torch.zeros(n, dtype=torch.bool, device=device)
     n_iter = torch.zeros(n, dtype=torch.int64, device=device)
-    nk_floor = 10.0 * _EPS
 
     # The rows in the loop (pending or already stored), and their samples.
     rows = torch.arange(n, device=device)
     pending = torch.ones(n, dtype=torch.bool, device=device)
-    row_x, row_mask = x.unsqueeze(-1), mask.to(torch.float64)  # (n, K, 1), (n, K)
+    row_x, row_x64, row_mask = x.unsqueeze(-1), x64.unsqueeze(-1), mask.to(torch.float64)  # (n, K, 1) x2, (n, K)
     num_valid = row_mask.sum(dim=1)  # (n,)
     lower_bound = torch.full((n,), float("-inf"), dtype=torch.float64, device=device)
     last_iteration = max_iter if n > 0 else 0  # no rows, nothing to iterate
     for iteration in range(1, last_iteration + 1):
         # E-step.
         weighted = _weighted_log_prob(row_x, means, precisions, weights)
-        log_norm = torch.logsumexp(weighted, dim=-1)  # (n, K)
+        log_norm = _logsumexp_pair(weighted)  # (n, K)
         resp = torch.exp(weighted - log_norm.unsqueeze(-1)).mul_(row_mask.unsqueeze(-1))
         new_bound = (log_norm * row_mask).sum(dim=1) / num_valid
-        # M-step.
-        nk = resp.sum(dim=1) + nk_floor  # (n, 2)
-        means = (resp * row_x).sum(dim=1) / nk
-        diff = row_x - means.unsqueeze(1)
-        variances = (resp * diff * diff).sum(dim=1) / nk + reg_covar
+        # M-step (float64; the variance is stored, and reg_covar added, in the EM dtype).
+        nk = resp.sum(dim=1) + _NK_FLOOR  # (n, 2)
+        means = (resp * row_x64).sum(dim=1) / nk
+        diff = row_x64 - means.unsqueeze(1)
+        variances = ((resp * diff * diff).sum(dim=1) / nk).to(dtype) + reg_covar
         precisions = _precision_cholesky(variances)
         weights = nk / nk.sum(dim=1, keepdim=True)
         # Convergence on the change of the lower bound (the first iteration compares with -inf).
@@ -201,7 +250,7 @@ def _em(x: Tensor, mask: Tensor, max_iter: int, tol: float, reg_covar: float) ->
             continue
         index = finished.nonzero().squeeze(1)
         leaving = rows[index]
-        fitted[leaving] = torch.cat([means, variances, weights], dim=1)[index]
+        fitted[leaving] = torch.cat([means, variances.to(torch.float64), weights], dim=1)[index]
         converged[leaving] = done[index]
         n_iter[leaving] = iteration
         pending[index] = False
@@ -210,11 +259,12 @@ def _em(x: Tensor, mask: Tensor, max_iter: int, tol: float, reg_covar: float) ->
             break
         if 2 * num_pending <= rows.numel():
             keep = pending.nonzero().squeeze(1)
-            rows, pending, row_x, row_mask, num_valid = rows[keep], pending[keep], row_x[keep], row_mask[keep], num_valid[keep]
+            rows, pending, row_mask, num_valid = rows[keep], pending[keep], row_mask[keep], num_valid[keep]
+            row_x, row_x64 = row_x[keep], row_x64[keep]
             means, precisions, weights, lower_bound = means[keep], precisions[keep], weights[keep], lower_bound[keep]
 
     means, variances, weights = (part.contiguous() for part in fitted.view(n, 3, 2).unbind(dim=1))
-    final = _weighted_log_prob(x.unsqueeze(-1), means, _precision_cholesky(variances), weights)
+    final = _weighted_log_prob(x.unsqueeze(-1), means, _precision_cholesky(variances.to(dtype)), weights)
     labels, log_density = _predict(final, mask)
     return GMMFit(
         means=means,
@@ -234,20 +284,21 @@ def fit_gmm_sklearn(
     max_iter: int = DEFAULT_MAX_ITER,
     tol: float = DEFAULT_TOL,
     reg_covar: float = DEFAULT_REG_COVAR,
+    dtype: torch.dtype = torch.float64,
 ) -> GMMFit:
     """The official per-GT loop: one ``sklearn.mixture.GaussianMixture`` per row.
 
     Same arguments and result as ``fit_gmm_batched`` (results on x's device). Samples
-    are passed to sklearn in float64 (the official code passes float32 losses; float64
-    is what ``fit_gmm_batched`` computes in, so the two backends are comparable).
+    are passed to sklearn as numpy arrays of ``dtype``: float32 is the official code (it
+    passes the float32 losses of the network), float64 the fit in double precision.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
 
-    _check_samples(x, mask)
-    _check_em_params(max_iter, tol, reg_covar)
+    _check_em_params(max_iter, tol, reg_covar, dtype)
+    _check_samples(x, mask, dtype)
     n, k = x.shape
-    x_np = x.detach().to(torch.float64).cpu().numpy()
+    x_np = x.detach().to(dtype).cpu().numpy()
     mask_np = mask.cpu().numpy()
     means = np.zeros((n, 2))
     variances = np.zeros((n, 2))
@@ -266,7 +317,7 @@ def fit_gmm_sklearn(
             max_iter=max_iter,
             n_init=1,
             weights_init=[0.5, 0.5],
-            means_init=[[samples.min()], [samples.max()]],
+            means_init=[[samples.min()], [samples.max()]],  # numpy scalars of dtype, as the official code
             precisions_init=[[[1.0]], [[1.0]]],
             random_state=0,  # seeds only sklearn's discarded k-means initialisation
         )
@@ -295,16 +346,38 @@ def fit_gmm_sklearn(
     )
 
 
-_FITTERS = {"torch": fit_gmm_batched, "sklearn": fit_gmm_sklearn}  # keyed by GMM_BACKENDS
+_FITTERS = {"torch": fit_gmm_batched, "sklearn": fit_gmm_sklearn}  # and "triton", imported on use
 
 
-def fit_gmm(x: Tensor, mask: Tensor, *, backend: str = "torch", **em_params: float) -> GMMFit:
-    """Dispatch to ``fit_gmm_batched`` ("torch") or ``fit_gmm_sklearn`` ("sklearn").
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs for ``backend`` (one of ``GMM_BACKENDS``) on ``device``.
+
+    "auto" is "triton" on CUDA when Triton is installed (it ships with CUDA builds of PyTorch),
+    "torch" otherwise; the other names are returned as they are.
+    """
+    if backend != "auto":
+        return backend
+    from .gmm_triton import TRITON_AVAILABLE
+
+    return "triton" if device.type == "cuda" and TRITON_AVAILABLE else "torch"
+
+
+def fit_gmm(
+    x: Tensor, mask: Tensor, *, backend: str = "auto", dtype: torch.dtype = torch.float64, **em_params: float
+) -> GMMFit:
+    """Dispatch to ``fit_gmm_batched`` ("torch"), ``fit_gmm_triton`` ("triton") or
+    ``fit_gmm_sklearn`` ("sklearn"); "auto" as ``resolve_backend``.
 
     ``backend`` is one of ``GMM_BACKENDS`` (``PAAAssigner`` checks it; not checked here).
-    x: (N, K), mask: (N, K) bool, as the backends take them. Returns a ``GMMFit``.
+    x: (N, K), mask: (N, K) bool, dtype and em_params as the backends take them. Returns a
+    ``GMMFit``.
     """
-    return _FITTERS[backend](x, mask, **em_params)
+    backend = resolve_backend(backend, x.device)
+    if backend == "triton":
+        from .gmm_triton import fit_gmm_triton as fitter  # imports Triton only when asked for
+    else:
+        fitter = _FITTERS[backend]
+    return fitter(x, mask, dtype=dtype, **em_params)
 
 
 __all__ = [
@@ -312,8 +385,10 @@ __all__ = [
     "DEFAULT_REG_COVAR",
     "DEFAULT_TOL",
     "GMM_BACKENDS",
+    "GMM_DTYPES",
     "GMMFit",
     "fit_gmm",
     "fit_gmm_batched",
     "fit_gmm_sklearn",
+    "resolve_backend",
 ]

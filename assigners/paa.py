@@ -4,6 +4,9 @@
 2. Candidates: per GT and pyramid level, the ``topk`` lowest-loss pre-matched anchors.
 3. Per GT, a two-component 1-D Gaussian mixture is fitted by EM to its candidates' losses
    sorted ascending (``gmm``); component 0 (initialised at the lowest loss) is foreground.
+   ``gmm_dtype`` "float32" (default) fits as the official code does, which hands sklearn the
+   float32 losses; "float64" fits in double precision (the labels of a few percent of GTs
+   differ between the two on random candidate sets; ``gmm``'s tests measure it).
 4. The candidates are split into positives / ignored / negatives by one of the paper's
    separation schemes (Fig. 3), ``scheme`` "a"-"d"; everything else is negative.
 
@@ -42,7 +45,7 @@ from torch import Tensor
 
 from .anchor_score import AnchorLoss, CandidateAssigner, Candidates, rank_in_groups
 from .base import IGNORED, NEGATIVE, AssignInputs, Assignment
-from .gmm import GMM_BACKENDS, fit_gmm
+from .gmm import GMM_BACKENDS, GMM_DTYPES, fit_gmm
 from .registry import register_assigner
 
 PAA_SCHEMES = ("a", "b", "c", "d", "b_official")
@@ -130,15 +133,21 @@ def split_by_scheme(labels: Tensor, log_density: Tensor, mask: Tensor, scheme: s
 
 
 def separate_candidates(
-    sorted_loss: Tensor, mask: Tensor, *, scheme: str = "c", gmm_backend: str = "torch"
+    sorted_loss: Tensor,
+    mask: Tensor,
+    *,
+    scheme: str = "c",
+    gmm_backend: str = "auto",
+    gmm_dtype: str = "float32",
 ) -> tuple[Tensor, Tensor]:
     """PAA's probabilistic separation of each GT's candidates (Sec. 3.1, Fig. 3).
 
     sorted_loss: (N, K) float candidate losses, each row ascending over its valid prefix;
     mask: (N, K) bool valid candidates. Rows with >= 2 candidates get a two-component GMM
-    (``gmm_backend`` "torch" batched, or "sklearn" per row) and ``split_by_scheme``;
-    a row with a single candidate makes it positive. ``scheme`` and ``gmm_backend`` are
-    assumed valid (``PAAAssigner`` checks them). Returns (positive, ignored), (N, K) bool.
+    (``gmm.fit_gmm`` with ``gmm_backend`` and the EM precision ``gmm_dtype``, a key of
+    ``GMM_DTYPES``) and ``split_by_scheme``; a row with a single candidate makes it positive.
+    ``scheme``, ``gmm_backend`` and ``gmm_dtype`` are assumed valid (``PAAAssigner`` checks
+    them). Returns (positive, ignored), (N, K) bool.
     """
     num_candidates = mask.sum(dim=1)
     positive = mask & (num_candidates == 1).unsqueeze(1)
@@ -146,7 +155,7 @@ def separate_candidates(
     fit_rows = (num_candidates >= 2).nonzero(as_tuple=True)[0]
     if fit_rows.numel() > 0:
         fit_mask = mask[fit_rows]
-        fit = fit_gmm(sorted_loss[fit_rows], fit_mask, backend=gmm_backend)
+        fit = fit_gmm(sorted_loss[fit_rows], fit_mask, backend=gmm_backend, dtype=GMM_DTYPES[gmm_dtype])
         fit_positive, fit_ignored = split_by_scheme(fit.labels, fit.log_density, fit_mask, scheme)
         positive[fit_rows] = fit_positive
         ignored[fit_rows] = fit_ignored
@@ -159,7 +168,11 @@ class PAAAssigner(CandidateAssigner):
 
     scheme: separation scheme of Fig. 3, one of "a", "b", "c" (default), "d".
     topk: candidates per GT per pyramid level (paper: 9).
-    gmm_backend: "torch" (batched EM over all GTs) or "sklearn" (official per-GT loop).
+    gmm_backend: "auto" (default: "triton" on CUDA, "torch" on CPU), "torch" (batched EM
+        over all GTs), "triton" (the same EM as one fused kernel; CUDA) or "sklearn"
+        (official per-GT loop).
+    gmm_dtype: EM precision, "float32" (default: the official code hands sklearn float32
+        losses, which it then fits partly in float32; ``gmm`` module docstring) or "float64".
     focal_alpha, focal_gamma, giou_weight: anchor-loss parameters (Eq. 1-2).
     """
 
@@ -167,7 +180,8 @@ class PAAAssigner(CandidateAssigner):
         self,
         scheme: str = "c",
         topk: int = 9,
-        gmm_backend: str = "torch",
+        gmm_backend: str = "auto",
+        gmm_dtype: str = "float32",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         giou_weight: float = 1.0,
@@ -176,16 +190,21 @@ class PAAAssigner(CandidateAssigner):
             raise ValueError(f"unknown PAA scheme '{scheme}'; valid choices: {', '.join(PAA_SCHEMES)}")
         if gmm_backend not in GMM_BACKENDS:
             raise ValueError(f"unknown gmm_backend '{gmm_backend}'; valid choices: {', '.join(GMM_BACKENDS)}")
+        if gmm_dtype not in GMM_DTYPES:
+            raise ValueError(f"unknown gmm_dtype '{gmm_dtype}'; valid choices: {', '.join(GMM_DTYPES)}")
         super().__init__(topk, focal_alpha, focal_gamma, giou_weight)
         self.scheme = scheme
         self.gmm_backend = gmm_backend
+        self.gmm_dtype = gmm_dtype
 
     def assign(self, inputs: AssignInputs) -> Assignment:
         b, g = inputs.batch_size, inputs.num_gt_slots
         losses, candidates = self.score_candidates(inputs)
         max_per_gt = sum(min(self.topk, count) for count in inputs.num_anchors_per_level)
         rows = sort_candidates(losses, candidates, max_per_gt)
-        positive, ignored = separate_candidates(rows.loss, rows.mask, scheme=self.scheme, gmm_backend=self.gmm_backend)
+        positive, ignored = separate_candidates(
+            rows.loss, rows.mask, scheme=self.scheme, gmm_backend=self.gmm_backend, gmm_dtype=self.gmm_dtype
+        )
 
         # Row b * G + g of ``rows`` holds GT g of image b.
         device = losses.prematch.device

@@ -187,7 +187,9 @@ def official_paa(inputs: AssignInputs, topk: int = 9) -> Assignment:
                 gt_index[image, candidates] = gt
                 continue
             candidate_loss, order = torch.sort(loss[candidates], stable=True)
-            fit = fit_gmm_sklearn(candidate_loss.view(1, -1), torch.ones_like(candidate_loss, dtype=torch.bool).view(1, -1))
+            # float32, as the official code hands sklearn the network's float32 losses (paa's default gmm_dtype).
+            fit = fit_gmm_sklearn(candidate_loss.view(1, -1), torch.ones_like(candidate_loss, dtype=torch.bool).view(1, -1),
+                                  dtype=torch.float32)
             foreground, score = fit.labels[0] == 0, fit.log_density[0]
             if bool(foreground.any()):  # positives up to the fg peak (Fig. 3 c)
                 peak = int((foreground & (score == score[foreground].max())).nonzero().min())

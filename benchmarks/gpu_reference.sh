@@ -99,6 +99,9 @@ section env 0 setup_python
 [[ -n $PY ]] || { echo "no Python environment with the needed packages; stopping"; exit 1; }
 section data 0 "$PY" -m experiments.data_cli digits "${DATA_ARGS[@]}"
 [[ $MODE == gpu ]] && "$PY" -c "import torch; print('GPU:', torch.cuda.get_device_name())" | tee -a "$SUMMARY"
+# PAA's default gmm_backend "auto" is the fused Triton EM on CUDA: its exactness on this GPU first, so that a
+# kernel failure is named in the summary before PAA runs fail on it.
+[[ $MODE == gpu ]] && section triton_em 120 "$PY" -m pytest tests/assigners/test_gmm_triton.py -q -p no:cacheprovider -k cuda
 
 if [[ $CONVERGE == 1 ]]; then
     for iters in "$ITERS" "$((2 * ITERS))"; do

@@ -241,7 +241,8 @@ def test_backends_agree_on_random_batches(make_batch):
     ("kwargs", "message"),
     [
         ({"scheme": "e"}, "valid choices: a, b, c, d"),
-        ({"gmm_backend": "numpy"}, "valid choices: torch, sklearn"),
+        ({"gmm_backend": "numpy"}, "valid choices: auto, torch, triton, sklearn"),
+        ({"gmm_dtype": "float16"}, "valid choices: float32, float64"),
         ({"topk": 0}, "positive int"),
         ({"focal_alpha": 1.5}, r"\[0, 1\]"),
         ({"focal_gamma": -1.0}, ">= 0"),
@@ -263,3 +264,20 @@ def test_cuda_equals_cpu(make_batch):
         agree += int((cpu == cuda).all(dim=1).sum())
         total += cpu.shape[0]
     assert agree >= total - 1
+
+
+def test_defaults_fit_in_float32_with_the_torch_em_on_cpu(make_batch):
+    inputs = make_batch(0, batch_size=3, max_gt=6)
+    default = assigners.build("paa")
+    assert (default.gmm_backend, default.gmm_dtype) == ("auto", "float32")  # the official precision
+    explicit = assigners.build("paa", gmm_backend="torch", gmm_dtype="float32")(inputs)
+    assert torch.equal(default(inputs).gt_index, explicit.gt_index)
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("float32", torch.float32), ("float64", torch.float64)])
+def test_separate_candidates_fits_in_gmm_dtype(name, dtype):
+    loss, mask = random_loss_rows(seed=11, num_rows=60)
+    fit = fit_gmm_batched(loss, mask, dtype=dtype)
+    expected = split_by_scheme(fit.labels, fit.log_density, mask, "b")
+    result = separate_candidates(loss, mask, scheme="b", gmm_backend="torch", gmm_dtype=name)
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(result, expected))

@@ -58,6 +58,17 @@ def test_variant_parameters_land_in_the_assigner_and_model():
     assert (cfg.scorer.cls_weight, cfg.scorer.box_weight, cfg.scorer.quality_weight) == (1.0, 1.3, 0.5)
 
 
+def test_paa_config_builds_the_official_gmm_precision():
+    # Issue #14: the official code fits float32 losses; "auto" is the Triton EM on CUDA, the torch EM on CPU.
+    from hydra.utils import instantiate
+
+    cfg = _compose(["+variants=paa_iou"])
+    assert (cfg.assigner.gmm_backend, cfg.assigner.gmm_dtype) == ("auto", "float32")
+    paa = instantiate(cfg.assigner)
+    assert (paa.gmm_backend, paa.gmm_dtype) == ("auto", "float32")
+    assert instantiate(_compose(["+variants=paa_iou", "assigner.gmm_dtype=float64"]).assigner).gmm_dtype == "float64"
+
+
 @pytest.mark.parametrize("name", available_scorers())
 def test_scorer_configs_build_the_scorer_with_their_weights(name):
     from hydra.utils import instantiate
