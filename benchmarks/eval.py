@@ -1,6 +1,7 @@
-"""COCO evaluation time: pycocotools against faster-coco-eval on the same detections, side by side.
+"""COCO evaluation time: pycocotools against faster-coco-eval on the same detections, side by side; and
+the evaluation of a run sharded over 2 processes against one process.
 
-    python -m benchmarks.eval [--reps N] [--threads N]
+    python -m benchmarks.eval [--reps N] [--threads N] [--eval-images N]
 
 The detections are the digits val set's GT jittered, seeded: per GT, a detection of its class
 with a box moved and rescaled by a few percent of its size (a few by much more) and a score in
@@ -10,11 +11,30 @@ and duplicates of some true ones with lower scores. Both backends run
 speed-up and the largest difference between their six AP numbers (which should be 0; an AP that
 is undefined, for an area range without GT, must be undefined for both).
 COCOeval runs on the CPU, so ``--device`` only names where the figures were taken.
+
+Sharded evaluation (``shards``): a run's whole evaluation (``experiments.engine.make_evaluator``:
+inference over the first ``--eval-images`` digits val images in batches of 8, then COCOeval) with one
+process, and with 2 processes on the CPU over gloo (torch.multiprocessing, ``--threads`` each), each
+inferring its shard, rank 0 gathering and scoring. Both run in the same 2 processes, in turns: rank 0
+alone evaluates the whole set while rank 1 waits at a barrier, then both evaluate it sharded. The
+model is the cpu_r18 preset, random-init (seeded) with score threshold 0, so every image keeps its
+``max_det`` (100) detections, as a trained model's do at the default threshold. Printed: the median
+time of each, the median of the per-round 2-process/1-process ratio (ideal 0.5; it also pays for the
+unsharded COCOeval and the gather), and whether the two wrote the same detections. CPU only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
 import numpy as np
+import torch
 
 from benchmarks.common import (
     Report,
@@ -66,8 +86,79 @@ def _result(image_id: int, category_id: int, box: list[float], score: float) -> 
     }
 
 
+SHARD_OVERRIDES = ["data=digits", "model=cpu_r18", "schedule=quick", "eval.batch_size=8", "eval.snapshots=false",
+                   "inference.score_thresh=0.0", "data.num_workers=0", "progress=false"]
+
+
+def _shard_worker(rank: int, world: int, workdir: Path, overrides: list[str], reps: int, warmup: int,
+                  threads: int) -> None:
+    """One of the ``world`` processes of the sharded-evaluation timing (module docstring); rank 0 writes
+    ``workdir/seconds.json``: the seconds of each round, one process and sharded, and whether the
+    detections were the same."""
+    import torch.distributed as dist
+    from hydra import compose, initialize_config_module
+
+    from experiments import engine
+    from experiments.distributed import DistInfo
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{workdir / 'init'}", rank=rank, world_size=world)
+    try:
+        with initialize_config_module("experiments.conf", version_base="1.3"):
+            cfg = compose("config", overrides=[*overrides, f"results_root={workdir / 'results'}",
+                                               f"num_threads={threads}"])
+        run = engine.build_run(cfg, workdir / "run")
+        weights = workdir / "weights.pt"
+        if rank == 0:  # seed + rank seeds each process: every rank takes rank 0's weights
+            torch.save(run.model.state_dict(), weights)
+        dist.barrier()
+        run.model.load_state_dict(torch.load(weights, weights_only=True))
+        sharded = engine.make_evaluator(run)
+        alone = engine.make_evaluator(dataclasses.replace(run, dist_info=DistInfo())) if rank == 0 else None
+        seconds: dict[str, list[float]] = {"one": [], "sharded": []}
+        same = True
+        for round_index in range(warmup + reps):
+            dist.barrier()
+            if rank == 0:
+                start = time.perf_counter()
+                _, _, one_results = alone()
+                one = time.perf_counter() - start
+            dist.barrier()
+            start = time.perf_counter()
+            _, _, sharded_results = sharded()
+            if rank == 0 and round_index >= warmup:
+                seconds["one"].append(one)
+                seconds["sharded"].append(time.perf_counter() - start)
+                same = same and json.dumps(one_results) == json.dumps(sharded_results)
+        if rank == 0:
+            (workdir / "seconds.json").write_text(json.dumps({**seconds, "same": same,
+                                                              "images": len(run.val_set)}))
+    finally:
+        dist.destroy_process_group()
+
+
+def sharded_evaluation(report: Report, eval_images: int, reps: int, warmup: int, threads: int, tiny: bool) -> None:
+    """The ``shards`` figures (module docstring)."""
+    import torch.multiprocessing as mp
+
+    digits = ["data.digits.num_train=16", "data.digits.num_val=4"] if tiny else []
+    overrides = [*SHARD_OVERRIDES, f"eval.max_images={eval_images}", *digits]
+    with tempfile.TemporaryDirectory(prefix="assignbench-eval-shards-") as tmp:
+        workdir = Path(tmp)
+        mp.spawn(_shard_worker, args=(2, workdir, overrides, reps, warmup, threads), nprocs=2, join=True)
+        measured = json.loads((workdir / "seconds.json").read_text())
+    section = "shards"
+    print(f"  shards: {measured['images']} val images, 2 processes (gloo, CPU, {threads} thread(s) each) against 1",
+          flush=True)
+    report.figure(section, "1-process evaluation ms", statistics.median(measured["one"]) * 1e3, "ms")
+    report.figure(section, "2-process evaluation ms", statistics.median(measured["sharded"]) * 1e3, "ms")
+    report.ratio(section, "2-process/1-process evaluation time", median_ratio(measured["sharded"], measured["one"]))
+    report.ratio(section, "same detections (1 = yes)", float(measured["same"]), ">= 1")
+
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], default_reps=5, default_warmup=1)
+    args = parse_args(__doc__.splitlines()[0], default_reps=5, default_warmup=1, add_arguments=lambda parser: (
+        parser.add_argument("--eval-images", type=int, default=96,
+                            help="digits val images of the sharded-evaluation timing")))
     device = setup_device(args)
     print(describe_machine(device, args.threads), "(COCOeval itself runs on the CPU)", flush=True)
     from experiments.data import build_dataset
@@ -100,6 +191,10 @@ def main() -> None:
         print(f"  eval {section}: {', '.join(undefined)} undefined (no GT in the area range) for {both}", flush=True)
     largest = max((abs(ap["pycocotools"][name] - ap["faster"][name]) for name in defined), default=0.0)
     report.ratio(section, "largest |AP difference|", largest if same_undefined else float("inf"), "<= 1e-9", unit="AP")
+    if device.type == "cpu":
+        sharded_evaluation(report, args.eval_images, args.reps, args.warmup, args.threads, args.tiny)
+    else:
+        print("  shards: the sharded evaluation is timed on the CPU only (run without --device cuda)", flush=True)
     report.write_csv(args.out_dir)
 
 

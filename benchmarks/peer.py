@@ -75,8 +75,9 @@ def train_fcos(cfg) -> dict:
     """Train and evaluate FCOS on the config's data, schedule and batch order; returns its AP and timing."""
     from experiments.build import (
         build_datasets,
-        build_loaders,
         build_optimization,
+        build_train_loader,
+        build_val_loader,
         check_budget,
         infinite_batches,
         seed_everything,
@@ -93,7 +94,8 @@ def train_fcos(cfg) -> dict:
     model = build_fcos(cfg, train_set.num_classes, pretrained_weights(cfg, train_set).get("weights"))
     optimizer, scheduler = build_optimization(model, cfg.schedule, budget)
     # FCOS's own transform pads to 32 again; at digits' square sizes both models get the same pixels.
-    loader, val_loader = build_loaders(train_set, val_set, cfg, budget, dist_info, 0, size_divisibility=32)
+    loader = build_train_loader(train_set, cfg, budget, dist_info, 0, size_divisibility=32)
+    val_loader = build_val_loader(val_set, cfg, size_divisibility=32)
     batches = infinite_batches(loader, int(cfg.seed) * 100003)
     model.train()
     seconds = 0.0

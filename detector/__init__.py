@@ -6,6 +6,11 @@ Typical use::
     out = model(images)  # DetectorOutput
     losses, info = DetectionLoss(assigner, build_scorer("iou"), 80)(out, targets)  # weights: the scorer's
     detections = postprocess(out, image_sizes, build_scorer("iou"), score_voting=True)
+
+The two-stage model (Faster R-CNN with any assigner in its RPN) follows the same steps::
+
+    model = TwoStageDetector(num_classes=80, rpn_assigner=assigner)
+    losses, info = TwoStageLoss(model, build_scorer("none"))(model(images), targets)
 """
 
 from .anchors import make_anchors
@@ -25,6 +30,7 @@ from .losses import (
 )
 from .model import Detector, DetectorOutput
 from .postprocess import postprocess, score_vote
+from .rpn import AssignedRPN, RPNHeadWithIoU
 from .scorers import (
     SCORERS,
     CenternessScorer,
@@ -37,9 +43,11 @@ from .scorers import (
     elementwise_box_iou,
     register_scorer,
 )
+from .two_stage import TwoStageDetector, TwoStageLoss, TwoStageOutput
 
 __all__ = [
     "AssignTimer",
+    "AssignedRPN",
     "FPN",
     "SCORERS",
     "BoxCoder",
@@ -50,9 +58,13 @@ __all__ = [
     "DetectorOutput",
     "IoUScorer",
     "NoScorer",
+    "RPNHeadWithIoU",
     "ResNetBackbone",
     "Scorer",
     "Scale",
+    "TwoStageDetector",
+    "TwoStageLoss",
+    "TwoStageOutput",
     "available_scorers",
     "build_assign_inputs",
     "build_scorer",

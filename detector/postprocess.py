@@ -4,6 +4,8 @@ Follows the official PAA post-processor: candidates are the (anchor, class) pair
 probability exceeds ``score_thresh``; they are ranked by the scorer's unified score
 (sqrt(p_cls * sigmoid(quality)) for quality scorers), the best ``pre_nms_top_n`` per level are
 decoded and clipped, then class-aware NMS over all levels keeps ``max_det`` detections.
+The two-stage model's output already holds its detections (torchvision's ``RoIHeads`` thresholded
+them and ran NMS with the model's own ``box_*`` settings); ``postprocess`` only clips them to each image.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from .box_coder import BoxCoder
 from .model import DetectorOutput
+from .two_stage import TwoStageOutput
 
 
 def score_vote(
@@ -87,6 +90,20 @@ def _candidates(
     return torch.cat(boxes), torch.cat(scores), torch.cat(labels), quality
 
 
+def _two_stage_detections(out: TwoStageOutput, image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor | None]]:
+    """The box head's detections of each image, clipped to its own size (the model saw the padded batch);
+    boxes clipped to nothing (inside the padding) are dropped."""
+    if out.detections is None:
+        raise ValueError("the two-stage model's output holds detections in eval mode only; call model.eval() first")
+    results = []
+    for det, image_size in zip(out.detections, image_sizes):
+        boxes = clip_boxes_to_image(det["boxes"].float(), (int(image_size[0]), int(image_size[1])))
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        results.append({"boxes": boxes[keep], "scores": det["scores"][keep], "labels": det["labels"][keep],
+                        "quality": None})
+    return results
+
+
 @torch.no_grad()
 def postprocess(
     out: DetectorOutput,
@@ -120,10 +137,19 @@ def postprocess(
         One dict per image: ``boxes`` (N, 4) xyxy pixels, ``scores`` (N,) unified scores sorted
         decreasing, ``labels`` (N,) int64 in [0, C), ``quality`` (N,) sigmoid of the quality
         branch or None without one.
+
+    For a ``TwoStageOutput`` (eval mode) the detections are the box head's, clipped to ``image_sizes``;
+    the thresholds above belong to the dense head and do not apply (the model's ``box_*`` settings did),
+    score voting is not available (ValueError), ``quality`` is None.
     """
     box_coder = box_coder or BoxCoder()
     if len(image_sizes) != out.cls_logits.shape[0]:
         raise ValueError(f"{len(image_sizes)} image sizes for a batch of {out.cls_logits.shape[0]} images")
+    if isinstance(out, TwoStageOutput):
+        if score_voting:
+            raise ValueError("score voting needs a dense head's pre-NMS candidates; the two-stage model's box head "
+                             "runs its own NMS (set inference.score_voting=false)")
+        return _two_stage_detections(out, image_sizes)
     results = []
     for image, image_size in enumerate(image_sizes):
         size = (int(image_size[0]), int(image_size[1]))

@@ -149,9 +149,10 @@ def worker_context(num_workers: int):
     return None
 
 
-def build_loaders(train_set, val_set, cfg: DictConfig, budget: Budget, dist_info: DistInfo, start_iter: int,
-                  size_divisibility: int, device: torch.device | None = None):
-    """(train batches, val loader); both pad images to the model's ``size_divisibility``.
+def build_train_loader(train_set, cfg: DictConfig, budget: Budget, dist_info: DistInfo, start_iter: int,
+                       size_divisibility: int, device: torch.device | None = None):
+    """The training batches, images padded to the model's ``size_divisibility`` (the evaluation loader of
+    a rank's val shard is ``build_val_loader``, made by ``engine.make_evaluator``).
 
     One process: a seeded RandomSampler whose generator also restarts from ``start_iter`` on
     resume. torchrun: a DistributedSampler. With ``data.resident`` the training batches are
@@ -188,7 +189,7 @@ def build_loaders(train_set, val_set, cfg: DictConfig, budget: Budget, dist_info
             drop_last=True, persistent_workers=num_workers > 0, generator=generator,
             worker_init_fn=ignore_stop_signals, multiprocessing_context=worker_context(num_workers),
         )
-    return loader, build_val_loader(val_set, cfg, size_divisibility)
+    return loader
 
 
 def build_val_loader(val_set, cfg: DictConfig, size_divisibility: int):
@@ -221,9 +222,9 @@ def infinite_batches(loader, sampler_seed: int) -> Iterator:
 __all__ = [
     "Budget",
     "build_datasets",
-    "build_loaders",
     "build_optimization",
     "build_optimizer",
+    "build_train_loader",
     "build_val_loader",
     "check_budget",
     "ignore_stop_signals",

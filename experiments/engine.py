@@ -22,15 +22,23 @@ from . import hooks
 from .build import (
     Budget,
     build_datasets,
-    build_loaders,
     build_optimization,
+    build_train_loader,
     check_budget,
     infinite_batches,
     instantiate,
     seed_everything,
 )
 from .checkpoint import load_checkpoint
-from .distributed import DistInfo, barrier, select_device, setup_distributed
+from .distributed import (
+    DistInfo,
+    as_on_rank_zero,
+    barrier,
+    gather_in_order,
+    select_device,
+    setup_distributed,
+    shard_batches,
+)
 from .environment import describe_environment
 from .errors import ConfigError, NonFiniteLossError, NonFiniteWeightsError, RunInterrupted
 from .loggers import LoggerHook, build_logger
@@ -110,7 +118,7 @@ def pretrained_weights(cfg: DictConfig, train_set) -> dict[str, str]:
 def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     """Seed, validate and build components, data, model and loss; config and data errors fail here."""
     import assigners  # noqa: F401  (the registry behind cfg.assigner._target_)
-    from detector import DetectionLoss
+    from detector import DetectionLoss, TwoStageDetector, TwoStageLoss
 
     dist_info = setup_distributed()
     device = select_device(str(cfg.device), dist_info)
@@ -123,44 +131,76 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     model = instantiate(
         cfg.model, "model", num_classes=train_set.num_classes, use_quality=scorer.has_quality_branch,
         **pretrained_weights(cfg, train_set),
+        **({"rpn_assigner": assigner} if "rpn_assigner" in cfg.model else {}),  # two-stage: the run's assigner itself
     ).to(device)
-    criterion = DetectionLoss(assigner, scorer, train_set.num_classes)
+    if isinstance(model, TwoStageDetector):
+        try:
+            criterion = TwoStageLoss(model, scorer)
+        except ValueError as exc:
+            raise ConfigError(f"scorer: {exc}") from exc
+    else:
+        criterion = DetectionLoss(assigner, scorer, train_set.num_classes)
     autocast_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.get("amp", True)) else None
     return Run(cfg, RunPaths(run_dir), dist_info, device, budget, assigner, scorer, model, criterion,
                train_set, val_set, val_base, autocast_dtype)
 
 
-def make_evaluator(run: Run, val_loader):
-    """() -> (AP dict, IoU-prediction error or None, COCO results): the run's model on its val set now."""
-    from .evaluation import coco_evaluate, run_inference
+def make_evaluator(run: Run):
+    """() -> (AP dict, IoU-prediction error or None, COCO results): the run's model on its val set now. For a
+    two-stage model the AP dict also holds the recall of its proposals (AR100, AR1000; ``experiments.proposals``).
+
+    Under torchrun the val set is sharded: each rank infers the batches ``shard_batches`` deals it (whole
+    batches of ``eval.batch_size``, as one process cuts them), rank 0 gathers the per-image detections,
+    puts them back in val-set order and scores them once, so the results equal one process's to the
+    byte. Every rank gets the AP and the error (its AP curve stays the same); the results are rank 0's
+    alone ([] on the other ranks, which write no files).
+    """
+    from detector import TwoStageDetector
+
+    from .build import build_val_loader
+    from .evaluation import coco_evaluate, combine_images, run_inference
+    from .proposals import ProposalRecorder, proposal_recall
 
     inference_cfg = dict(OmegaConf.to_container(run.cfg.inference, resolve=True))
     backend = str(run.cfg.eval.backend)
-
     tta = inference_cfg.get("tta") or {}
+    dist_info, size_divisibility = run.dist_info, run.model.size_divisibility
+    positions = shard_batches(len(run.val_set), int(run.cfg.eval.batch_size), dist_info)
+    shard = run.val_set if dist_info.world_size == 1 else torch.utils.data.Subset(run.val_set, positions)
+    shard_loader = build_val_loader(shard, run.cfg, size_divisibility)
+    # A two-stage model's proposals, kept during the inference pass for their recall (experiments.proposals).
+    recorder = ProposalRecorder(run.model, run.val_base.label_to_category_id[0]) if (
+        isinstance(run.model, TwoStageDetector) and not tta.get("enabled", False)) else None
 
     def infer():
         if not tta.get("enabled", False):
-            return run_inference(run.model, val_loader, run.device, run.scorer, inference_cfg,
+            model, loader = (recorder, recorder.watch(shard_loader)) if recorder else (run.model, shard_loader)
+            return run_inference(model, loader, run.device, run.scorer, inference_cfg,
                                  run.val_base.label_to_category_id, run.autocast_dtype)
-        from .build import build_val_loader
         from .tta import run_tta_inference
 
         sched = run.cfg.schedule
         return run_tta_inference(
-            run.model, run.val_set, lambda dataset: build_val_loader(dataset, run.cfg, run.model.size_divisibility),
+            run.model, shard, lambda dataset: build_val_loader(dataset, run.cfg, size_divisibility),
             run.device, run.scorer, inference_cfg, (int(sched.test_min_size), int(sched.max_size)),
             run.val_base.label_to_category_id, run.autocast_dtype)
 
     def evaluate():
-        results, iou_err = infer()
-        barrier(run.dist_info)  # every process evaluated the full val set; rank 0 scores it
-        return coco_evaluate(run.val_base.coco, results, backend), iou_err, results
+        images = gather_in_order(positions, infer(), dist_info)  # None on ranks other than 0
+        proposals = gather_in_order(positions, recorder.take(), dist_info) if recorder else None
+        results, ap, iou_err = [], None, None
+        if dist_info.is_main:
+            results, iou_err = combine_images(images, run.scorer.predicts_iou)
+            ap = coco_evaluate(run.val_base.coco, results, backend)
+            if proposals is not None:  # AR100, AR1000 beside the AP (runfiles.PROPOSAL_AR_NAMES)
+                ap.update(proposal_recall(run.val_base.coco, [p for image in proposals for p in image], backend))
+        ap, iou_err = as_on_rank_zero((ap, iou_err), dist_info)
+        return ap, iou_err, results
 
     return evaluate
 
 
-def make_hooks(run: Run, trainer_state: TrainState, val_loader) -> tuple[list, hooks.EvalHook]:
+def make_hooks(run: Run, trainer_state: TrainState) -> tuple[list, hooks.EvalHook]:
     """The hooks of a run in their order (``experiments.hooks``), and its evaluation hook."""
     from .snapshots import record_snapshot
 
@@ -175,10 +215,10 @@ def make_hooks(run: Run, trainer_state: TrainState, val_loader) -> tuple[list, h
     checkpoint = hooks.CheckpointHook(paths.checkpoint, budget.eval_iters, int(sched.checkpoint_every),
                                       dist_info.is_main, lambda: barrier(dist_info))
     stop = hooks.StopSignalHook(checkpoint.save, deadline=float(cfg.deadline) if cfg.get("deadline") else None)
-    evaluation = hooks.EvalHook(make_evaluator(run, val_loader), budget.eval_iters, paths.run_dir.name,
+    evaluation = hooks.EvalHook(make_evaluator(run), budget.eval_iters, paths.run_dir.name,
                                 dist_info.is_main)
     stats = hooks.StatsHook(writer, int(sched.log_every), budget.total_batch, quiet=show_bar)
-    snapshots = paths.snapshots if cfg.eval.snapshots else None
+    snapshots = paths.snapshots if cfg.eval.snapshots and dist_info.is_main else None  # rank 0 writes files
     logger = build_logger(str(cfg.get("logger", "none")), paths.run_dir) if dist_info.is_main else None
     chain = [hooks.AssignerIterationHook(run.assigner)]
     chain += [hooks.ProgressHook(paths.run_dir.name, budget.total_batch)] if show_bar else []
@@ -223,10 +263,10 @@ def train_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
     if run.dist_info.world_size > 1:
         device_ids = [run.device.index] if run.device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(run.model, device_ids=device_ids)
-    loader, val_loader = build_loaders(run.train_set, run.val_set, cfg, run.budget, run.dist_info, state.iter,
-                                       size_divisibility=run.model.size_divisibility, device=run.device)
+    loader = build_train_loader(run.train_set, cfg, run.budget, run.dist_info, state.iter,
+                                size_divisibility=run.model.size_divisibility, device=run.device)
     batches = infinite_batches(loader, int(cfg.seed) * 100003 + state.iter)
-    chain, evaluation = make_hooks(run, state, val_loader)
+    chain, evaluation = make_hooks(run, state)
     # On a GPU the host waits for the device only on logged iterations (Trainer.sync_every).
     sync_every = int(cfg.schedule.log_every) if run.device.type == "cuda" else 1
     trainer = Trainer(run.model, train_model, run.criterion, optimizer, scheduler, batches, run.device, state,

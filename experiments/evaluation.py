@@ -3,12 +3,17 @@
 AP values are returned in percent, as papers print them. ``iou_pred_error`` is the paper's
 Table 2 (right) figure: each detection is matched to the GT it overlaps most, and the
 mean |predicted IoU - true IoU| over detections with true IoU >= 0.5 is reported.
+
+Inference yields one ``ImageDetections`` per image, so that the images of a val set sharded over
+ranks (``experiments.engine.make_evaluator``) can be gathered and put back in order before
+``combine_images`` makes the results and the error of the whole set.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 from typing import Any
 
@@ -97,12 +102,23 @@ def detections_to_coco(dets: dict[str, torch.Tensor], image_id: int, scale: floa
     return out
 
 
-@torch.no_grad()
-def run_inference(model, loader, device, scorer, inference_cfg: dict, label_to_category_id, autocast_dtype=None):
-    """Detections of ``model`` over ``loader`` as COCO results plus the IoU-prediction error.
+@dataclasses.dataclass
+class ImageDetections:
+    """One val image's detections as COCO results dicts, and its terms of the IoU-prediction error
+    (``iou_prediction_error``: the sum and the count; 0 and 0 unless the scorer predicts IoU)."""
 
-    Returns (results list, iou_pred_error or None). The error is None unless the scorer
-    predicts IoU (``scorer.predicts_iou``).
+    results: list[dict]
+    iou_error_sum: float = 0.0
+    iou_error_count: int = 0
+
+
+@torch.no_grad()
+def run_inference(model, loader, device, scorer, inference_cfg: dict, label_to_category_id,
+                  autocast_dtype=None) -> list[ImageDetections]:
+    """Detections of ``model`` over ``loader``, one ``ImageDetections`` per image in loader order.
+
+    The IoU-prediction error terms are filled in when the scorer predicts IoU (``scorer.predicts_iou``).
+    ``combine_images`` turns the list into COCO results and the error.
     """
     from detector import postprocess
 
@@ -110,9 +126,7 @@ def run_inference(model, loader, device, scorer, inference_cfg: dict, label_to_c
 
     inference_cfg = {key: value for key, value in inference_cfg.items() if key != "tta"}  # see experiments.tta
     model.eval()
-    results: list[dict] = []
-    err_sum, err_count = 0.0, 0
-    track_iou = scorer.predicts_iou
+    images_out: list[ImageDetections] = []
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         with autocast(device, autocast_dtype):
@@ -120,14 +134,27 @@ def run_inference(model, loader, device, scorer, inference_cfg: dict, label_to_c
         sizes = [tuple(t["size"]) for t in targets]
         dets = postprocess(out, sizes, scorer, **inference_cfg)
         for det, tgt in zip(dets, targets):
-            results.extend(detections_to_coco(det, tgt["image_id"], tgt["scale"], label_to_category_id))
-            if track_iou and det.get("quality") is not None:
-                s, n = iou_prediction_error(det["boxes"].cpu(), det["quality"].cpu(), tgt["boxes"])
-                err_sum += s
-                err_count += n
+            image = ImageDetections(detections_to_coco(det, tgt["image_id"], tgt["scale"], label_to_category_id))
+            if scorer.predicts_iou and det.get("quality") is not None:
+                image.iou_error_sum, image.iou_error_count = iou_prediction_error(
+                    det["boxes"].cpu(), det["quality"].cpu(), tgt["boxes"])
+            images_out.append(image)
     model.train()
-    iou_err = (err_sum / err_count if err_count else float("nan")) if track_iou else None
-    return results, iou_err
+    return images_out
+
+
+def combine_images(images: list[ImageDetections], predicts_iou: bool) -> tuple[list[dict], float | None]:
+    """(COCO results of every image, in order; the mean IoU-prediction error over them, NaN without a
+    detection that counts, None unless the scorer ``predicts_iou``)."""
+    results: list[dict] = []
+    error_sum, error_count = 0.0, 0
+    for image in images:
+        results.extend(image.results)
+        error_sum += image.iou_error_sum
+        error_count += image.iou_error_count
+    if not predicts_iou:
+        return results, None
+    return results, (error_sum / error_count if error_count else float("nan"))
 
 
 def summarize_ap(values: dict[str, float]) -> str:
@@ -137,7 +164,9 @@ def summarize_ap(values: dict[str, float]) -> str:
 __all__ = [
     "AP_NAMES",
     "BACKENDS",
+    "ImageDetections",
     "coco_evaluate",
+    "combine_images",
     "detections_to_coco",
     "iou_prediction_error",
     "run_inference",

@@ -198,7 +198,8 @@ class FiniteWeightsHook(HookBase):
 class EvalHook(HookBase):
     """At each of ``eval_iters``: evaluate, append [iter, AP] to ``ap_curve``; the last one is the result.
 
-    evaluate: () -> (AP dict, IoU-prediction error or None, COCO results list).
+    evaluate: () -> (AP dict, IoU-prediction error or None, COCO results list); every rank calls it
+    (``engine.make_evaluator``: the same AP on every rank, the results on rank 0).
     """
 
     def __init__(self, evaluate: Callable[[], tuple[dict, float | None, list]], eval_iters: frozenset[int],

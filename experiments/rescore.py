@@ -48,7 +48,6 @@ def rescore_run(source_dir: Path, cfg: DictConfig, overrides: list[str]) -> dict
     source run is not done or has no checkpoint.
     """
     from . import engine
-    from .build import build_val_loader
     from .checkpoint import load_checkpoint
     from .train import run_dir_of
     from .trainer import TrainState
@@ -65,9 +64,8 @@ def rescore_run(source_dir: Path, cfg: DictConfig, overrides: list[str]) -> dict
     target = RunPaths(run_dir_of(cfg))
     run = engine.build_run(cfg, target.run_dir)
     run.model.load_state_dict(ckpt["model"])
-    val_loader = build_val_loader(run.val_set, cfg, run.model.size_divisibility)
     state = TrainState(iter=int(ckpt["iter"]), max_iter=run.budget.iters, train_seconds=float(ckpt["train_seconds"]))
-    state.final_ap, state.iou_pred_error, state.last_results = engine.make_evaluator(run, val_loader)()
+    state.final_ap, state.iou_pred_error, state.last_results = engine.make_evaluator(run)()
     state.ap_curve = [[state.iter, state.final_ap["AP"]]]
     engine.write_resolved_config(target, cfg)
     if source.stats.exists():

@@ -36,6 +36,9 @@ GRID_FILE = "grid.json"  # a grid's variant labels in table order and its baseli
 
 DONE, FAILED = "done", "failed"
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# A two-stage model's proposal recall (percent): COCOeval on its RPN proposals as class-agnostic boxes, at most
+# 100 and 1000 per image (experiments.proposals); null for single-stage models.
+PROPOSAL_AR_NAMES = ("AR100", "AR1000")
 
 STATS_FIELDS = [
     "iter",
@@ -68,6 +71,7 @@ METRIC_FIELDS = [
     "variant_id",
     "environment",
     *AP_NAMES,
+    *PROPOSAL_AR_NAMES,
     "iou_pred_error",
     "iters",
     "train_seconds",

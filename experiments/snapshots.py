@@ -23,7 +23,8 @@ def record_snapshot(path: Path, model, assigner, val_set, device: torch.device, 
     ``anchors`` (A, 4), ``num_anchors_per_level`` (L,), ``gt_boxes`` (G, 4) and ``image`` (H, W, 3)
     uint8. The image is padded as the loaders pad it, and ``AssignInputs`` is built as the loss builds it.
     """
-    from detector import build_assign_inputs
+    from detector import TwoStageOutput, build_assign_inputs
+    from detector.rpn import class_agnostic
     from experiments.data import collate
 
     image_id = showcase_image_ids(val_set.coco, 1)[0]
@@ -35,6 +36,8 @@ def record_snapshot(path: Path, model, assigner, val_set, device: torch.device, 
         out = model(batch)
     out = outputs_to_float(out)
     targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in target.items()}]
+    if isinstance(out, TwoStageOutput):  # the RPN's anchors: one class, as its loss labels them
+        targets = class_agnostic(targets)
     assignment = assigner(build_assign_inputs(out, model.decode(out), targets))
     if was_training:
         model.train()

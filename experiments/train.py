@@ -4,7 +4,8 @@
     assignbench-train -m grid=demo                                     # every variant of a grid
 
 A run whose ``metrics.json`` says done is skipped; an interrupted run resumes from its
-checkpoint; a failed run is recorded as failed and, in a multirun, the grid goes on.
+checkpoint; a failed run is recorded as failed and, in a multirun, the grid goes on (under torchrun a
+failure on any rank ends the whole job instead: ``execute``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from omegaconf import DictConfig
 
 from . import engine
 from .data import DatasetError
-from .distributed import as_on_rank_zero, setup_distributed
+from .distributed import FailureWatch, as_on_rank_zero, setup_distributed
 from .errors import ConfigError, DeadlineReached, NonFiniteLossError, RunInterrupted
 from .runfiles import RunLock, RunPaths, read_metrics, remove_stale_temp_files, run_is_done, run_name
 
@@ -62,7 +63,10 @@ def execute(cfg: DictConfig, overrides: list[str], raise_on_failure: bool) -> di
     """Run one job with skip/lock/failure handling; returns its metrics (None if skipped by lock).
 
     Under torchrun, rank 0 alone checks and locks the run directory and the other ranks follow its
-    decision, so the processes of one job never take each other for a concurrent grid.
+    decision, so the processes of one job never take each other for a concurrent grid. A failure on
+    any rank ends every rank of the job (``FailureWatch``; a multirun stops too: after one rank left a
+    collective, the others cannot go on together), exit status 1: the first rank to fail records the
+    run failed, its ``error`` naming the rank (``rank 1 of 2: DatasetError: ...``).
     """
     paths = RunPaths(run_dir_of(cfg))
     dist_info = setup_distributed()
@@ -76,6 +80,7 @@ def execute(cfg: DictConfig, overrides: list[str], raise_on_failure: bool) -> di
         if dist_info.is_main:
             print(f"[assignbench] {paths.run_dir}: another process holds its lock, skipped")
         return None
+    watch = FailureWatch(dist_info, str(paths.run_dir)).start()
     try:
         if dist_info.is_main:
             remove_stale_temp_files(paths.run_dir)  # left by a process killed mid-write; we hold the lock
@@ -93,13 +98,20 @@ def execute(cfg: DictConfig, overrides: list[str], raise_on_failure: bool) -> di
         except RunInterrupted as exc:
             print(f"[assignbench] {paths.run_dir}: interrupted: {exc}", file=sys.stderr)
             raise SystemExit(130) from None
-        except Exception as exc:  # recorded, never allowed to take the other runs down
+        except Exception as exc:  # recorded; in one process it never takes the grid's other runs down
             error = f"{type(exc).__name__}: {exc}"
+            if dist_info.world_size > 1:
+                if not watch.claim():  # another rank failed first and recorded it: this is its consequence
+                    print(f"[assignbench] {paths.run_dir}: {dist_info.describe()} stops after another rank's "
+                          f"failure: {error}", file=sys.stderr, flush=True)
+                    raise SystemExit(1) from None
+                error = f"{dist_info.describe()}: {error}"
             engine.record_failure(paths, cfg, overrides, error)
-            print(f"[assignbench] {paths.run_dir}: FAILED: {error}", file=sys.stderr)
+            print(f"[assignbench] {paths.run_dir}: FAILED: {error}", file=sys.stderr, flush=True)
             if not isinstance(exc, EXPECTED_FAILURES):
                 traceback.print_exc()
-            if raise_on_failure:
+            watch.announce(error)  # after the record: the other ranks exit as soon as they read it
+            if raise_on_failure or dist_info.world_size > 1:
                 raise SystemExit(1) from None
             return read_metrics(paths.metrics)
         if dist_info.is_main:
@@ -110,6 +122,7 @@ def execute(cfg: DictConfig, overrides: list[str], raise_on_failure: bool) -> di
             )
         return metrics
     finally:
+        watch.stop()
         if lock is not None:
             lock.release()
 

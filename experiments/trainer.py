@@ -56,7 +56,7 @@ class TrainState:
     ap_curve: list[list[float]] = dataclasses.field(default_factory=list)
     final_ap: dict[str, float | None] | None = None
     iou_pred_error: float | None = None
-    last_results: list[dict] = dataclasses.field(default_factory=list)
+    last_results: list[dict] = dataclasses.field(default_factory=list)  # rank 0's; [] on the other ranks
 
 
 class HookBase:

@@ -23,7 +23,7 @@ from detector.tta import MERGES, in_area_range, merge_detections
 
 from .data.coco import hflip_boxes
 from .errors import ConfigError
-from .evaluation import detections_to_coco, iou_prediction_error
+from .evaluation import ImageDetections, detections_to_coco, iou_prediction_error
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,10 @@ def mirror_valid_areas(images: torch.Tensor, sizes: list[tuple[int, int]]) -> to
 
 @torch.no_grad()
 def run_tta_inference(model, val_set, loader_for, device, scorer, inference_cfg: dict, test_sizes: tuple[int, int],
-                      label_to_category_id, autocast_dtype=None) -> tuple[list[dict], float | None]:
-    """COCO results of ``model`` on ``val_set`` under ``inference_cfg["tta"]``, and the IoU-prediction error
-    of the identity transform's detections (None unless the scorer predicts IoU).
+                      label_to_category_id, autocast_dtype=None) -> list[ImageDetections]:
+    """Detections of ``model`` on ``val_set`` under ``inference_cfg["tta"]``, one ``ImageDetections`` per image
+    in ``val_set`` order; the IoU-prediction error terms are those of the identity transform's detections
+    (filled in when the scorer predicts IoU).
 
     loader_for: dataset -> its evaluation DataLoader (``build.build_val_loader``).
     """
@@ -88,8 +89,8 @@ def run_tta_inference(model, val_set, loader_for, device, scorer, inference_cfg:
 
     tta = dict(inference_cfg["tta"])
     post_cfg = {key: value for key, value in inference_cfg.items() if key != "tta"}
-    pooled: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-    err_sum, err_count = 0.0, 0
+    pooled: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}  # in val_set order
+    iou_errors: dict[int, tuple[float, int]] = {}
     model.eval()
     for index, transform in enumerate(tta_transforms(tta, *test_sizes)):
         for images, targets in loader_for(resized_view(val_set, transform.min_size, transform.max_size)):
@@ -106,10 +107,10 @@ def run_tta_inference(model, val_set, loader_for, device, scorer, inference_cfg:
                 pooled.setdefault(int(target["image_id"]), []).append(
                     ((boxes[keep] / float(target["scale"])).cpu(), det["scores"][keep].cpu(), det["labels"][keep].cpu()))
                 if index == 0 and scorer.predicts_iou and det.get("quality") is not None:
-                    total, count = iou_prediction_error(det["boxes"].cpu(), det["quality"].cpu(), target["boxes"])
-                    err_sum, err_count = err_sum + total, err_count + count
+                    iou_errors[int(target["image_id"])] = iou_prediction_error(
+                        det["boxes"].cpu(), det["quality"].cpu(), target["boxes"])
     model.train()
-    results: list[dict] = []
+    images_out: list[ImageDetections] = []
     for image_id, parts in pooled.items():
         boxes, scores, labels = (torch.cat(p) for p in zip(*parts))
         merged = merge_detections(boxes, scores, labels, merge=str(tta.get("merge", "soft-vote")),
@@ -117,9 +118,9 @@ def run_tta_inference(model, val_set, loader_for, device, scorer, inference_cfg:
                                   nms_thresh=float(post_cfg.get("nms_thresh", 0.6)),
                                   score_thresh=float(post_cfg.get("score_thresh", 0.05)),
                                   max_det=int(tta.get("max_det", 1000)))
-        results.extend(detections_to_coco(merged, image_id, 1.0, label_to_category_id))
-    iou_err = (err_sum / err_count if err_count else float("nan")) if scorer.predicts_iou else None
-    return results, iou_err
+        images_out.append(ImageDetections(detections_to_coco(merged, image_id, 1.0, label_to_category_id),
+                                          *iou_errors.get(image_id, (0.0, 0))))
+    return images_out
 
 
 __all__ = ["Transform", "mirror_valid_areas", "resized_view", "run_tta_inference", "tta_transforms"]

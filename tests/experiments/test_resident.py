@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from experiments.build import Budget, build_loaders, infinite_batches
+from experiments.build import Budget, build_train_loader, infinite_batches
 from experiments.data import CocoDetection, DatasetError, build_dataset, collate
 from experiments.data.resident import ResidentBatches, index_loader
 from experiments.distributed import DistInfo
@@ -98,12 +98,12 @@ def test_one_size_is_required_and_the_error_names_the_image(tmp_path):
         ResidentBatches(multi, indices, torch.device("cpu"), 32, 0)
 
 
-def test_build_loaders_picks_the_resident_path(tmp_path):
+def test_build_train_loader_picks_the_resident_path(tmp_path):
     cfg, _ = tiny_cfg(tmp_path, "data.resident=true")
     train_set = build_dataset("digits", "train", root=tmp_path / "data", train=True, min_size=96, max_size=96,
                               digits_params={"image_size": 96, "num_train": 24, "num_val": 6})
     budget = Budget(total_batch=4, local_batch=4, iters=4, eval_iters=frozenset({4}))
-    loader, _ = build_loaders(train_set, train_set, cfg, budget, ONE_PROCESS, 0, size_divisibility=32)
+    loader = build_train_loader(train_set, cfg, budget, ONE_PROCESS, 0, size_divisibility=32)
     assert isinstance(loader, ResidentBatches) and loader.pixels.shape == (24, 3, 96, 96)
 
 

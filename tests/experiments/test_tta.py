@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import experiments.engine as engine
-from experiments.build import build_val_loader
 from experiments.errors import ConfigError
 from experiments.tta import Transform, mirror_valid_areas, tta_transforms
 
@@ -49,8 +48,7 @@ def _evaluate(tmp_path, *overrides):
     cfg, _ = tiny_cfg(tmp_path, "assigner=atss", "scorer=iou", "inference.score_thresh=0.0", "inference.max_det=30",
                       "model.num_convs=1", *overrides)
     run = engine.build_run(cfg, tmp_path / "run")
-    loader = build_val_loader(run.val_set, cfg, run.model.size_divisibility)
-    _, iou_err, results = engine.make_evaluator(run, loader)()
+    _, iou_err, results = engine.make_evaluator(run)()
     return sorted((r["image_id"], r["category_id"], r["score"], tuple(r["bbox"])) for r in results), iou_err
 
 
