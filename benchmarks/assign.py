@@ -22,16 +22,19 @@ Timed: ``max_iou``, ``atss``, ``fnp``, ``fsr``, ``paa`` (PAA scheme c), ``tal``,
 sklearn GaussianMixture per GT, everything else batched as in ``paa-torch``) and ``paa-official``
 (``official_paa``: the official code's per-image, per-GT loops, with its per-level top-k, its
 GaussianMixture and its labelling per GT, on our anchor loss). Printed: ms per batch of each,
-PAA(torch)/ATSS, each new assigner / ATSS, PAA(sklearn)/PAA(torch), PAA(official)/PAA(torch), the
-share of GTs whose positive anchors are the same for paa-torch and each of the other two, each case's
-peak memory growth, and its positives per GT on the batch (predictions of a half-trained detector, so
-a hint of each rule's selectivity, not its count over training: that is in each run's stats.csv).
+PAA(torch)/ATSS, the EM's share of PAA(torch)'s time (``em_share``), each new assigner / ATSS,
+PAA(sklearn)/PAA(torch), PAA(official)/PAA(torch), the share of GTs whose positive anchors are the same
+for paa-torch and each of the other two, each case's peak memory growth, and its positives per GT on
+the batch (predictions of a half-trained detector, so a hint of each rule's selectivity, not its count
+over training: that is in each run's stats.csv).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
+import time
 
 import torch
 
@@ -45,6 +48,7 @@ from benchmarks.common import (
     parse_args,
     peak_memory_mb,
     setup_device,
+    synchronize,
     time_interleaved,
 )
 from detector import make_anchors
@@ -213,6 +217,34 @@ def positive_set_agreement(inputs: AssignInputs, first: Assignment, second: Assi
     return float(same[inputs.gt_mask].float().mean()) if bool(inputs.gt_mask.any()) else 1.0
 
 
+def em_share(assigner: assigners.Assigner, inputs: AssignInputs, device: torch.device, reps: int) -> float:
+    """Median over ``reps`` PAA calls of the share of the call's time spent in its GMM fit, timed
+    inside the call (``assigners.paa.fit_gmm`` wrapped, with a device sync on each side)."""
+    paa_module = assigners.paa
+    fit_gmm, em_seconds, shares = paa_module.fit_gmm, [], []
+
+    def timed_fit_gmm(*args, **kwargs):
+        synchronize(device)
+        start = time.perf_counter()
+        fit = fit_gmm(*args, **kwargs)
+        synchronize(device)
+        em_seconds.append(time.perf_counter() - start)
+        return fit
+
+    paa_module.fit_gmm = timed_fit_gmm
+    try:
+        for _ in range(reps):
+            em_seconds.clear()
+            synchronize(device)
+            start = time.perf_counter()
+            assigner(inputs)
+            synchronize(device)
+            shares.append(sum(em_seconds) / (time.perf_counter() - start))
+    finally:
+        paa_module.fit_gmm = fit_gmm
+    return statistics.median(shares)
+
+
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], default_reps=10)
     device = setup_device(args)
@@ -235,6 +267,8 @@ def main() -> None:
             report.figure(section, f"{case} positives/GT", positives_per_gt(inputs, built[case](inputs)), "")
         coco = section == "coco"
         report.ratio(section, "PAA(torch)/ATSS", median_ratio(seconds["paa-torch"], seconds["atss"]), "<= 2.0")
+        share = em_share(built["paa-torch"], inputs, device, reps=args.reps)
+        report.ratio(section, "EM share of PAA(torch)", share, unit="share")
         for case in ("tal", "simota", "ota", "dsl"):
             report.ratio(section, f"{case}/ATSS", median_ratio(seconds[case], seconds["atss"]))
         for other in ("sklearn", "official"):

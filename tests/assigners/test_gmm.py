@@ -10,7 +10,17 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
-from assigners.gmm import GMM_DTYPES, fit_gmm, fit_gmm_batched, fit_gmm_sklearn, resolve_backend
+from assigners.gmm import (
+    DEFAULT_MAX_ITER,
+    DEFAULT_REG_COVAR,
+    DEFAULT_TOL,
+    GMM_DTYPES,
+    _em,
+    fit_gmm,
+    fit_gmm_batched,
+    fit_gmm_sklearn,
+    resolve_backend,
+)
 from assigners.gmm_triton import TRITON_AVAILABLE
 from assigners.paa import PAA_SCHEMES, split_by_scheme
 
@@ -215,6 +225,21 @@ def test_auto_is_torch_on_cpu_and_triton_on_cuda():
     loss, mask = random_loss_rows(seed=5, num_rows=10)
     auto, batched = fit_gmm(loss, mask, dtype=torch.float32), fit_gmm_batched(loss, mask, dtype=torch.float32)
     assert torch.equal(auto.labels, batched.labels) and torch.equal(auto.log_density, batched.log_density)
+
+
+@pytest.mark.parametrize("dtype", list(GMM_DTYPES))
+def test_pytorch_loop_equals_the_numpy_loop(dtype):
+    # fit_gmm_batched runs the EM on numpy for CPU tensors and as PyTorch ops (gmm._em) on other devices;
+    # here the PyTorch loop runs on the CPU, so machines without a GPU test it too. Same steps and
+    # roundings, sums in another order and another libm: the same decisions, values to float64 rounding.
+    loss, mask = random_loss_rows(seed=7, num_rows=200)
+    numpy_fit = fit_gmm_batched(loss, mask, dtype=GMM_DTYPES[dtype])
+    torch_fit = _em(loss, mask, DEFAULT_MAX_ITER, DEFAULT_TOL, DEFAULT_REG_COVAR, GMM_DTYPES[dtype])
+    assert torch.equal(numpy_fit.n_iter, torch_fit.n_iter)
+    assert torch.equal(numpy_fit.converged, torch_fit.converged)
+    assert torch.equal(numpy_fit.labels, torch_fit.labels)
+    for name in ("means", "variances", "weights", "log_density"):
+        torch.testing.assert_close(getattr(numpy_fit, name), getattr(torch_fit, name), rtol=1e-12, atol=1e-12)
 
 
 @requires_cuda
