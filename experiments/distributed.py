@@ -38,7 +38,6 @@ class DistInfo:
 
 def setup_distributed() -> DistInfo:
     """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1)."""
-    global _object_group
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -48,8 +47,7 @@ def setup_distributed() -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)  # NCCL's own collectives (barrier) use the current device
         dist.init_process_group(backend)
-        if backend != "gloo":  # every rank makes its groups in the same order: here, right after init
-            _object_group = dist.new_group(backend="gloo")
+        _objects_group()  # every rank makes its groups in the same order: here, right after init
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 

@@ -125,6 +125,9 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     seed_everything(int(cfg.seed) + dist_info.rank)
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
     budget = check_budget(cfg, dist_info)
+    if cfg.get("variant_prefix") == "rpn_" and "rpn_assigner" not in cfg.model:  # set by conf/rpn_assigner/*
+        raise ConfigError(f"rpn_assigner is an RPN preset of a two-stage model; model={cfg.model._target_} has no RPN "
+                          "(use model=faster_rcnn_r50 or model=faster_rcnn_cpu_r18)")
     assigner = instantiate(cfg.assigner, "assigner")
     scorer = instantiate(cfg.scorer, "scorer")
     train_set, val_set, val_base = build_datasets(cfg)

@@ -112,6 +112,11 @@ class ImageDetections:
     iou_error_count: int = 0
 
 
+def postprocess_settings(inference_cfg: dict) -> dict:
+    """The ``inference`` config as ``detector.postprocess`` takes it: without ``tta`` (``experiments.tta``)."""
+    return {key: value for key, value in inference_cfg.items() if key != "tta"}
+
+
 @torch.no_grad()
 def run_inference(model, loader, device, scorer, inference_cfg: dict, label_to_category_id,
                   autocast_dtype=None) -> list[ImageDetections]:
@@ -124,7 +129,7 @@ def run_inference(model, loader, device, scorer, inference_cfg: dict, label_to_c
 
     from .trainer import autocast
 
-    inference_cfg = {key: value for key, value in inference_cfg.items() if key != "tta"}  # see experiments.tta
+    inference_cfg = postprocess_settings(inference_cfg)
     model.eval()
     images_out: list[ImageDetections] = []
     for images, targets in loader:

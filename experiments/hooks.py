@@ -129,10 +129,13 @@ class StatsHook(HookBase):
         self.last_row = {"iter": it, **means}
         self.last_images_per_second = len(rows) * self.total_batch / self.window_seconds
         self.writer.write(self.last_row)
+        # stats.csv has the contract's loss columns; the log line names every loss term the model trains
+        # (a two-stage model's box-head losses, loss_roi_*, too) and sums them all.
+        loss_names = [*LOSS_FIELDS, *sorted(k for k in means if k.startswith("loss_") and k not in LOSS_FIELDS)]
         log.log(logging.DEBUG if self.quiet else logging.INFO,
                 "iter %d/%d  loss %.4f (%s)  pos/GT %.2f  GT without pos %g  %.1f img/s",
-                it, iters, sum(means[k] for k in LOSS_FIELDS), "  ".join(
-                    f"{k.removeprefix('loss_')} {means[k]:.4f}" for k in LOSS_FIELDS),
+                it, iters, sum(means[k] for k in loss_names), "  ".join(
+                    f"{k.removeprefix('loss_')} {means[k]:.4f}" for k in loss_names),
                 means["pos_per_gt_mean"], means["gt_without_pos"], self.last_images_per_second)
 
     def after_train(self) -> None:

@@ -23,7 +23,7 @@ from detector.tta import MERGES, in_area_range, merge_detections
 
 from .data.coco import hflip_boxes
 from .errors import ConfigError
-from .evaluation import ImageDetections, detections_to_coco, iou_prediction_error
+from .evaluation import ImageDetections, detections_to_coco, iou_prediction_error, postprocess_settings
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def run_tta_inference(model, val_set, loader_for, device, scorer, inference_cfg:
     from .trainer import autocast
 
     tta = dict(inference_cfg["tta"])
-    post_cfg = {key: value for key, value in inference_cfg.items() if key != "tta"}
+    post_cfg = postprocess_settings(inference_cfg)
     pooled: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}  # in val_set order
     iou_errors: dict[int, tuple[float, int]] = {}
     model.eval()

@@ -78,7 +78,8 @@ TINY = ["model=faster_rcnn_cpu_r18", "schedule=debug", "schedule.iters=2", "eval
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rpn_assigner, scorer, snapshots", [("paa", "iou", True), ("atss", "none", False)])
-def test_two_stage_trains_on_digits_through_the_app(tmp_path, rpn_assigner, scorer, snapshots):
+def test_two_stage_trains_on_digits_through_the_app(tmp_path, caplog, rpn_assigner, scorer, snapshots):
+    caplog.set_level("INFO", logger="experiments.engine")  # the logger experiments.hooks writes to
     overrides = [f"data.root={tmp_path / 'data'}", f"results_root={tmp_path / 'results'}", *TINY,
                  f"rpn_assigner={rpn_assigner}", f"eval.snapshots={str(snapshots).lower()}"]
     cfg = _compose(overrides)
@@ -94,3 +95,19 @@ def test_two_stage_trains_on_digits_through_the_app(tmp_path, rpn_assigner, scor
     assert all(math.isfinite(float(r[k])) for r in rows for k in ("loss_cls", "loss_box", "loss_quality"))
     assert (float(rows[0]["loss_quality"]) > 0) == (scorer == "iou")
     assert (run_dir / "assignments.npz").is_file() == snapshots
+    # stats.csv keeps the contract's columns (the RPN's losses); the log line adds the box head's and sums all five
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iter 2/2  loss")]
+    assert len(logged) == 1 and "roi_cls" in logged[0] and "roi_box" in logged[0], logged
+
+
+def test_an_rpn_preset_on_a_single_stage_model_is_a_config_error(tmp_path):
+    # rpn_assigner=paa sets RPN-only model keys; on model=cpu_r18 the run must fail on the config, by name,
+    # and be recorded failed, not die in the model's constructor with a TypeError.
+    overrides = [f"data.root={tmp_path / 'data'}", f"results_root={tmp_path / 'results'}", "rpn_assigner=paa",
+                 "progress=false"]
+    cfg = _compose(overrides)
+    execute(cfg, overrides, raise_on_failure=False)
+    metrics = json.loads((run_dir_of(cfg) / "metrics.json").read_text())
+    assert metrics["status"] == "failed"
+    assert metrics["error"].startswith("ConfigError: rpn_assigner is an RPN preset of a two-stage model")
+    assert not (tmp_path / "data").exists()  # failed before any data was generated
