@@ -5,7 +5,8 @@ The engine registers them in this order, which is also the order they act in aft
 ATSS warm-up), ``ProgressHook``, ``StatsHook`` (stats.csv rows and log lines), ``FiniteWeightsHook``,
 ``EvalHook`` (evaluation, ``ap_curve``), ``SnapshotHook`` (assignment of a fixed val image),
 ``LoggerHook`` (``logger=tensorboard``, ``experiments.loggers``), ``CheckpointHook``,
-``StopSignalHook`` (SIGINT/SIGTERM -> checkpoint and ``RunInterrupted``).
+``StopSignalHook`` (SIGINT/SIGTERM -> checkpoint and ``RunInterrupted``; under submitit its
+preemption signal -> checkpoint and submitit's requeue).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -143,9 +145,22 @@ class StatsHook(HookBase):
             self.writer.close()
 
 
+def requeue_signal() -> signal.Signals | None:
+    """The signal submitit sends a job before its preemption or time limit and answers by requeueing it:
+    SIGUSR2, or the one ``SUBMITIT_PREEMPT_SIGNAL`` names (submitit's ``JobEnvironment.USR_SIG``); None when
+    that name is no signal."""
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+
+
 class StopSignalHook(HookBase):
     """Turns SIGINT/SIGTERM into a flag; after the step it arrived in, checkpoint and raise RunInterrupted.
     The same after the first step that ends past ``deadline`` (a Unix time), raising DeadlineReached.
+
+    Under a scheduler's job (submitit, as Hydra's ``submitit_slurm``/``submitit_local`` launchers run it), the
+    preemption signal (``requeue_signal``) already has a handler, submitit's, which resubmits the job and exits
+    the process. The hook takes that signal over too: after the step it arrived in, it writes the checkpoint,
+    gives the handlers back and calls submitit's, so the resubmitted job resumes from exactly that iteration
+    (SIGTERM, which SLURM also sends on ``scancel``, keeps its meaning: stop, checkpoint written).
 
     checkpoint: writes the checkpoint (``CheckpointHook.save``).
     """
@@ -157,7 +172,11 @@ class StopSignalHook(HookBase):
         self._old: dict[int, Any] = {}
 
     def before_train(self) -> None:
-        for s in (signal.SIGINT, signal.SIGTERM):
+        signals = [signal.SIGINT, signal.SIGTERM]
+        requeue = requeue_signal()
+        if requeue is not None and requeue not in signals and callable(signal.getsignal(requeue)):
+            signals.append(requeue)  # a Python handler is there: the scheduler's (submitit's)
+        for s in signals:
             try:
                 self._old[s] = signal.signal(s, self._handle)
             except ValueError:  # not in the main thread (e.g. a launcher's worker thread)
@@ -172,6 +191,12 @@ class StopSignalHook(HookBase):
             return
         if self.signum is not None:
             self.checkpoint()
+            scheduler_handler = self._old.get(self.signum) if self.signum == requeue_signal() else None
+            if callable(scheduler_handler):
+                log.warning("signal %s at iteration %d: checkpoint written, handing over to the scheduler's "
+                            "handler (requeue)", signal.Signals(self.signum).name, state.iter)
+                self.after_train()  # its handlers back first: the resubmission may be signalled again
+                scheduler_handler(self.signum, None)  # submitit: requeues the job and exits this process
             raise RunInterrupted(
                 f"signal {signal.Signals(self.signum).name} at iteration {state.iter}; checkpoint written, "
                 "rerun to resume"

@@ -1,9 +1,15 @@
 """Every grid runs end to end for 2 iterations per variant on tiny data (the sweep-test pattern),
 writes one run per variant and seed, and ends with its report."""
 
+import csv
 import json
+import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +87,75 @@ def test_a_grid_runs_through_the_submitit_launcher_and_resumes(tmp_path):
     assert {m: m.stat().st_mtime_ns for m in metrics} == written
     logs = "".join(p.read_text() for p in (grid_dir / ".submitit").rglob("*_log.out"))
     assert logs.count("already done, skipped") == 3
+
+
+def _submitit_task_pids(marker: str) -> list[int]:
+    """Pids of submitit task processes (``python -u -m submitit.core._submit <folder>``) whose folder has marker."""
+    pids = []
+    for proc_dir in Path("/proc").iterdir():
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        args = [a.decode(errors="replace") for a in cmdline]
+        if "submitit.core._submit" in args and any(marker in a for a in args):
+            pids.append(int(proc_dir.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_preempted_submitit_job_checkpoints_is_requeued_and_resumes_to_the_same_end(tmp_path):
+    """SLURM preemption as submitit sees it: its signal (SIGUSR2) reaches the job's process mid-training. The
+    run writes a checkpoint at that iteration (checkpoint_every is larger than the schedule, so no other
+    checkpoint exists), submitit requeues the job, and the new process resumes there and ends at the same
+    final iteration count, with one stats.csv row per iteration."""
+    iters = 40
+    cmd = [sys.executable, "-m", "experiments.train", "-m", "grid=single", "assigner=atss", "scorer=centerness",
+           "hydra/launcher=submitit_local", f"data.root={tmp_path / 'data'}", f"results_root={tmp_path / 'results'}",
+           *[o for o in TINY if not o.startswith("schedule.iters")], f"schedule.iters={iters}",
+           "schedule.checkpoint_every=1000", "schedule.steps=[0.9]"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "results" / "single" / "atss_centerness-s0"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # wait for a few logged iterations (log_every 1)
+            stats = run_dir / "stats.csv"
+            if stats.is_file() and len(stats.read_text().splitlines()) >= 1 + 3:
+                break
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.05)
+        pids = _submitit_task_pids(str(tmp_path))
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGUSR2)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "done" and metrics["iters"] == iters
+    logs = "".join(p.read_text() for p in (tmp_path / "results" / "single" / ".submitit").rglob("*_log.*"))
+    interrupted = [int(m) for m in re.findall(r"signal SIGUSR2 at iteration (\d+): checkpoint written", logs)]
+    resumed = [int(m) for m in re.findall(r"resuming \S+ from iteration (\d+)", logs)]
+    assert len(interrupted) == 1 and 3 <= interrupted[0] < iters, logs[-3000:]
+    assert resumed == interrupted, logs[-3000:]  # the new process started from that very checkpoint
+    assert "Requeued job" in logs  # submitit's requeue, not a rerun by hand
+    with open(run_dir / "stats.csv") as f:
+        assert [int(row["iter"]) for row in csv.DictReader(f)] == list(range(1, iters + 1))
+
+
+def test_the_readme_slurm_example_composes_to_the_launcher_settings_it_names():
+    from hydra import compose, initialize_config_module
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = re.search(r"```bash\n(assignbench-train -m grid=table1_modules data=coco.*?)```", readme, re.S)
+    assert block, "README's SLURM example is gone"
+    args = shlex.split(block.group(1).replace("\\\n", " "))[2:]  # after "assignbench-train -m"
+    with initialize_config_module(config_module="experiments.conf", version_base="1.3"):
+        cfg = compose("config", overrides=args, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
+    assert (launcher.timeout_min, launcher.signal_delay_s, launcher.max_num_timeout) == (720, 120, 5)
+    assert launcher.additional_parameters == {"requeue": True}
+    assert (cfg.data.name, cfg.grid.name) == ("coco", "table1_modules")

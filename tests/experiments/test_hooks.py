@@ -107,6 +107,44 @@ def test_stop_signal_hook_checkpoints_and_raises_after_the_step_the_signal_arriv
     assert signal.getsignal(signal.SIGTERM) is previous  # the handler it replaced is back
 
 
+def test_stop_signal_hook_hands_the_schedulers_preemption_signal_over_after_checkpointing():
+    # submitit installs a Python handler for its preemption signal (SIGUSR2) that requeues the job and exits;
+    # the hook must write the checkpoint at the step the signal arrived in first, then call that handler.
+    trainer = stub_trainer(max_iter=5)
+    events = []
+    hook = attach(hooks.StopSignalHook(lambda: events.append(("checkpoint", trainer.state.iter))), trainer)
+
+    def scheduler(signum, frame):  # as submitit's on a rank that does not requeue: it returns
+        events.append(("scheduler", signal.Signals(signum).name, signal.getsignal(signal.SIGUSR2) is scheduler))
+
+    previous = signal.signal(signal.SIGUSR2, scheduler)
+    try:
+        hook.before_train()
+        advance(trainer, [hook], None)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert events == []  # the hook's handler only set the flag
+        with pytest.raises(RunInterrupted, match="SIGUSR2 at iteration 2"):
+            advance(trainer, [hook], None)
+        # checkpoint first, then the scheduler's handler, called with its own handler already back in place
+        assert events == [("checkpoint", 2), ("scheduler", "SIGUSR2", True)]
+        assert signal.getsignal(signal.SIGTERM) is not hook._handle
+    finally:
+        hook.after_train()
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_stop_signal_hook_leaves_the_preemption_signal_alone_without_a_scheduler():
+    trainer = stub_trainer(max_iter=5)
+    hook = attach(hooks.StopSignalHook(lambda: None), trainer)
+    assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
+    hook.before_train()
+    try:
+        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) == hook._handle
+    finally:
+        hook.after_train()
+
+
 def test_finite_weights_hook_checks_before_evaluations_and_checkpoints_only():
     trainer = stub_trainer(max_iter=6)
     stop = hooks.StopSignalHook(lambda: None)
