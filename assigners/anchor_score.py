@@ -23,10 +23,11 @@ it holds and validates ``topk`` and the anchor-loss parameters, and runs ``ancho
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import accumulate
 
 import torch
 from torch import Tensor
-from torchvision.ops import generalized_box_iou_loss
 
 from .base import NEGATIVE, Assigner, AssignInputs, check_positive_int
 from .max_iou import match_anchors
@@ -45,10 +46,17 @@ class AnchorLoss:
         +inf where the anchor is not pre-matched, or where the loss is not finite
         (NaN/Inf predictions), so such anchors are never candidates.
     prematch: (B, A) int64, index into G of the pre-matched GT, or -1 (NEGATIVE).
+    matched: (M,) int64 flat index b * A + a of the M pre-matched anchors, ascending.
+    matched_row: (M,) int64 the row b * G + g of each one's GT.
+    matched_loss: (M,) float its ``loss``.
+    The last three are the list ``select_candidates`` works on, so that it need not find it again.
     """
 
     loss: Tensor
     prematch: Tensor
+    matched: Tensor
+    matched_row: Tensor
+    matched_loss: Tensor
 
     @property
     def score(self) -> Tensor:
@@ -69,14 +77,32 @@ class AnchorLoss:
 class Candidates:
     """Per-GT candidate anchors (PAA Sec. 3.1: per level, the ``topk`` lowest-loss anchors).
 
-    mask: (B, A) bool, True for a candidate anchor.
-    gt: (B, A) int64, the GT the candidate belongs to (its pre-matched GT); -1 elsewhere.
+    index: (N,) int64 flat index b * A + a of the N candidates, ordered by their GT's row
+        (b * G + g), then by ascending loss, then by anchor index: each GT's candidates sorted
+        as PAA's mixture takes them.
+    row: (N,) int64 the GT row b * G + g of each entry of ``index`` (non-decreasing).
     num_candidates: (B, G) int64, candidates per GT slot (0 for padded rows).
+    num_anchors: A, anchors per image.
+    ``gt`` and ``mask``, the (B, A) views of the list, are built when first read (PAA does not).
     """
 
-    mask: Tensor
-    gt: Tensor
+    index: Tensor
+    row: Tensor
     num_candidates: Tensor
+    num_anchors: int
+
+    @cached_property
+    def gt(self) -> Tensor:
+        """(B, A) int64, the GT the candidate belongs to (its pre-matched GT); -1 elsewhere."""
+        b, g = self.num_candidates.shape
+        candidate_gt = torch.full((b * self.num_anchors,), NEGATIVE, dtype=torch.int64, device=self.index.device)
+        candidate_gt[self.index] = self.row.remainder(g)
+        return candidate_gt.view(b, self.num_anchors)
+
+    @cached_property
+    def mask(self) -> Tensor:
+        """(B, A) bool, True for a candidate anchor."""
+        return self.gt >= 0
 
 
 def check_anchor_loss_params(focal_alpha: float, focal_gamma: float, giou_weight: float) -> None:
@@ -121,6 +147,27 @@ def focal_loss_sum(logits: Tensor, labels: Tensor, *, alpha: float = 0.25, gamma
     return (1.0 - alpha) * negative.sum(dim=1) + alpha * positive
 
 
+def giou_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """(M,) 1 - GIoU of each (M, 4) xyxy box in ``pred`` with its row in ``target``.
+
+    The value of ``torchvision.ops.generalized_box_iou_loss(pred, target, reduction="none")``, bit
+    for bit (tested against it): the same operations on the same values, with the x and y
+    coordinates of a corner taken together as (M, 2) pairs, each area as the ``prod`` of its two
+    sides, and the intersection written with ``where`` instead of boolean-mask indexing: about
+    half the operations (on the digits batch a few thousand boxes, where an operation costs its
+    call, not its arithmetic). Float inputs (the anchor loss promotes to at least float32).
+    """
+    eps = 1e-7  # torchvision's default
+    pred_lo, pred_hi, target_lo, target_hi = pred[:, :2], pred[:, 2:], target[:, :2], target[:, 2:]
+    inter_lo, inter_hi = torch.maximum(pred_lo, target_lo), torch.minimum(pred_hi, target_hi)  # (M, 2) x, y
+    # The product of a row's two sides: width * height (one rounding in any order of the product).
+    inter = torch.where((inter_hi > inter_lo).all(dim=1), (inter_hi - inter_lo).prod(dim=1), 0.0)
+    union = (pred_hi - pred_lo).prod(dim=1) + (target_hi - target_lo).prod(dim=1) - inter
+    iou = inter / (union + eps)
+    enclosing = (torch.maximum(pred_hi, target_hi) - torch.minimum(pred_lo, target_lo)).prod(dim=1)
+    return 1 - (iou - (enclosing - union) / (enclosing + eps))
+
+
 def anchor_loss(
     inputs: AssignInputs,
     *,
@@ -134,39 +181,57 @@ def anchor_loss(
     None (the ``Assigner`` base checks that for the assigners), and valid loss parameters
     (``check_anchor_loss_params``, run by ``CandidateAssigner``). The focal and GIoU terms are
     computed only for the M pre-matched anchors, each against its own GT ((M, C) focal terms,
-    never (B, G, A, C)). Returns an ``AnchorLoss``.
+    never (B, G, A, C)), gathered by flat index (b * A + a). Returns an ``AnchorLoss``.
     """
     logits = inputs.cls_logits.detach()
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    b, a = logits.shape[:2]
+    b, a, num_classes = logits.shape
+    g = inputs.num_gt_slots
 
     prematch = match_anchors(inputs, PREMATCH_IOU, PREMATCH_IOU, allow_low_quality=True)  # (B, A)
-    img_idx, anchor_idx = (prematch >= 0).nonzero(as_tuple=True)  # (M,) each
-    gt_idx = prematch[img_idx, anchor_idx]
+    flat_prematch = prematch.view(-1)
+    matched = (flat_prematch >= 0).nonzero().squeeze(1)  # (M,) flat anchor index b * A + a, ascending
+    gt_row = matched.div(a, rounding_mode="floor") * g + flat_prematch.index_select(0, matched)  # (M,) b * G + g
 
     # Focal loss summed over all C classes against the one-hot GT label, in blocks of rows on CPU.
-    anchor_labels = inputs.gt_labels[img_idx, gt_idx]
-    num_matched = img_idx.numel()
-    block = max(1, num_matched) if logits.is_cuda else CPU_FOCAL_ROWS
-    focal = torch.empty(num_matched, dtype=dtype, device=logits.device)
-    for start in range(0, num_matched, block):
-        rows = slice(start, start + block)
-        block_logits = logits[img_idx[rows], anchor_idx[rows]].to(dtype)  # (rows, C)
-        focal[rows] = focal_loss_sum(block_logits, anchor_labels[rows], alpha=focal_alpha, gamma=focal_gamma)
+    anchor_labels = inputs.gt_labels.reshape(-1).index_select(0, gt_row)
+    flat_logits = logits.reshape(b * a, num_classes)
+    num_matched = matched.numel()
+    if logits.is_cuda or num_matched <= CPU_FOCAL_ROWS:
+        focal = focal_loss_sum(
+            flat_logits.index_select(0, matched).to(dtype), anchor_labels, alpha=focal_alpha, gamma=focal_gamma
+        )
+    else:
+        focal = torch.empty(num_matched, dtype=dtype, device=logits.device)
+        for start in range(0, num_matched, CPU_FOCAL_ROWS):
+            rows = slice(start, start + CPU_FOCAL_ROWS)
+            block_logits = flat_logits.index_select(0, matched[rows]).to(dtype)  # (rows, C)
+            focal[rows] = focal_loss_sum(block_logits, anchor_labels[rows], alpha=focal_alpha, gamma=focal_gamma)
 
     # 1 - GIoU; like the official code, a predicted box with x2 < x1 (or y2 < y1) is
     # collapsed to zero width (height) rather than given a negative area.
-    pred = inputs.pred_boxes.detach()[img_idx, anchor_idx].to(dtype)  # (M, 4)
+    pred = inputs.pred_boxes.detach().reshape(b * a, 4).index_select(0, matched).to(dtype)  # (M, 4)
     pred = torch.cat([pred[:, :2], torch.maximum(pred[:, :2], pred[:, 2:])], dim=1)
-    gt_boxes = inputs.gt_boxes[img_idx, gt_idx].to(dtype)
-    giou = generalized_box_iou_loss(pred, gt_boxes, reduction="none")
-
-    matched_loss = focal + giou_weight * giou
+    gt_boxes = inputs.gt_boxes.reshape(-1, 4).index_select(0, gt_row).to(dtype)
+    giou = giou_loss(pred, gt_boxes)
+    matched_loss = focal + (giou if giou_weight == 1.0 else giou_weight * giou)  # x * 1.0 is x, bit for bit
     # Non-finite losses (NaN/Inf predictions) count as +inf: worst, never a candidate.
-    matched_loss = torch.where(torch.isfinite(matched_loss), matched_loss, float("inf"))
-    loss = torch.full((b, a), float("inf"), dtype=dtype, device=logits.device)
-    loss[img_idx, anchor_idx] = matched_loss
-    return AnchorLoss(loss=loss, prematch=prematch)
+    matched_loss = torch.where(matched_loss.abs() < float("inf"), matched_loss, float("inf"))  # isfinite, in 2 ops
+    loss = torch.full((b * a,), float("inf"), dtype=dtype, device=logits.device)
+    loss[matched] = matched_loss
+    return AnchorLoss(
+        loss=loss.view(b, a), prematch=prematch, matched=matched, matched_row=gt_row, matched_loss=matched_loss
+    )
+
+
+def group_rank(sorted_key: Tensor) -> Tensor:
+    """(M,) position of each entry of the non-decreasing (M,) ``sorted_key`` within its run of equal keys.
+
+    0 for the first entry of a run, 1 for the next, ...: its position less the run's start,
+    which ``searchsorted`` finds (the first position holding the entry's key).
+    """
+    position = torch.arange(sorted_key.numel(), device=sorted_key.device)
+    return position - torch.searchsorted(sorted_key, sorted_key)
 
 
 def rank_in_groups(values: Tensor, key: Tensor) -> Tensor:
@@ -179,13 +244,8 @@ def rank_in_groups(values: Tensor, key: Tensor) -> Tensor:
     # Lexicographic order (key, value, entry index): stable sort by value, then by key.
     order = torch.argsort(values, stable=True)
     order = order[torch.argsort(key[order], stable=True)]
-    sorted_key = key[order]
-    position = torch.arange(order.numel(), device=values.device)
-    starts_group = torch.ones_like(sorted_key, dtype=torch.bool)
-    starts_group[1:] = sorted_key[1:] != sorted_key[:-1]
-    group_start = torch.where(starts_group, position, 0).cummax(dim=0).values
     rank = torch.empty_like(order)
-    rank[order] = position - group_start
+    rank[order] = group_rank(key[order])
     return rank
 
 
@@ -212,23 +272,36 @@ def select_candidates(anchor_loss: AnchorLoss, num_anchors_per_level: list[int],
     For each GT and each pyramid level, the ``topk`` anchors pre-matched to that GT with
     the lowest finite loss (fewer when there are fewer); ``topk`` a positive int (checked by
     the assigners' constructors, not here). Shared by PAA and FNP/FSR. Works on the list of
-    pre-matched anchors; the only (B, A) tensors it makes are its outputs.
+    pre-matched anchors (``AnchorLoss.matched``); the only (B, A) tensors it makes are its
+    outputs. Ties in loss go to the lower anchor index, within a level and within a GT.
     """
     b, a = anchor_loss.loss.shape
     device = anchor_loss.loss.device
-    valid = (anchor_loss.prematch >= 0) & torch.isfinite(anchor_loss.loss)
-    img_idx, anchor_idx = valid.nonzero(as_tuple=True)  # row-major: by image, then anchor
-    gt = anchor_loss.prematch[img_idx, anchor_idx]
-    level_end = torch.tensor(num_anchors_per_level, device=device).cumsum(0)
-    level = torch.bucketize(anchor_idx, level_end, right=True)  # (M,) level of each anchor
-    key = (img_idx * num_gt_slots + gt) * len(num_anchors_per_level) + level  # (image, GT, level)
-    keep = rank_in_groups(anchor_loss.loss[img_idx, anchor_idx], key) < topk
-    img_idx, anchor_idx, gt = img_idx[keep], anchor_idx[keep], gt[keep]
-    candidate_gt = torch.full((b, a), NEGATIVE, dtype=torch.int64, device=device)
-    candidate_gt[img_idx, anchor_idx] = gt
+    matched, row, loss = anchor_loss.matched, anchor_loss.matched_row, anchor_loss.matched_loss
+    level_end = torch.tensor(list(accumulate(num_anchors_per_level)), device=device)
+    level = torch.bucketize(matched.remainder(a), level_end, right=True)  # (M,) level of each anchor
+
+    # Sorted by loss (ties: anchor order), then stably by (GT, level): the rank of each anchor among
+    # its GT's anchors of its level. Those of rank < topk with a finite loss are the candidates.
+    by_loss = torch.argsort(loss, stable=True)
+    level_key = (row * len(num_anchors_per_level) + level)[by_loss]
+    by_level = torch.argsort(level_key, stable=True)
+    keep = torch.empty_like(by_loss, dtype=torch.bool)
+    keep[by_level] = group_rank(level_key[by_level]) < topk  # in ``by_loss`` order
+    keep &= loss[by_loss] < float("inf")  # a non-finite loss is +inf
+    # The candidates in loss order, then stably by GT row: (row, loss, anchor).
+    entry = by_loss[keep]
+    entry_row = row[entry]
+    by_row = torch.argsort(entry_row, stable=True)
+    candidate_row = entry_row[by_row]
     num_candidates = torch.zeros(b * num_gt_slots, dtype=torch.int64, device=device)
-    num_candidates.scatter_add_(0, img_idx * num_gt_slots + gt, torch.ones_like(gt))
-    return Candidates(mask=candidate_gt >= 0, gt=candidate_gt, num_candidates=num_candidates.view(b, num_gt_slots))
+    num_candidates.scatter_add_(0, candidate_row, torch.ones_like(candidate_row))
+    return Candidates(
+        index=matched[entry[by_row]],
+        row=candidate_row,
+        num_candidates=num_candidates.view(b, num_gt_slots),
+        num_anchors=a,
+    )
 
 
 class CandidateAssigner(Assigner):
@@ -263,6 +336,8 @@ __all__ = [
     "anchor_loss",
     "check_anchor_loss_params",
     "focal_loss_sum",
+    "giou_loss",
+    "group_rank",
     "rank_in_groups",
     "rank_within_group",
     "select_candidates",

@@ -245,9 +245,8 @@ def assign_in_image_chunks(
 
 def gt_anchor_iou(inputs: AssignInputs) -> Tensor:
     """(B, G, A) IoU of every GT slot with every anchor; padded GT rows are set to -1."""
-    b = inputs.batch_size
     anchors = inputs.anchors.to(inputs.gt_boxes.dtype)
-    iou = batched_box_iou(inputs.gt_boxes, anchors.unsqueeze(0).expand(b, -1, -1))
+    iou = batched_box_iou(inputs.gt_boxes, anchors.unsqueeze(0))  # the anchors broadcast over the batch
     return iou.masked_fill_(~inputs.gt_mask.unsqueeze(-1), -1.0)
 
 

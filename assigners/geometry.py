@@ -9,6 +9,8 @@ from torch import Tensor
 def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """IoU of (B, N, 4) with (B, M, 4) xyxy boxes -> (B, N, M); plain ``box_iou`` semantics.
 
+    Either batch dim may be 1 and broadcast (the anchors, shared by every image).
+
     ``torchvision.ops.box_iou`` is 2-D only; this is the same formula (no +1 pixel
     convention) broadcast over a batch, and is tested against it.
     """

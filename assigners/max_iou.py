@@ -36,15 +36,15 @@ def max_iou_match(iou: Tensor, gt_mask: Tensor, high: float, low: float, allow_l
     if g == 0:
         return torch.full((b, a), NEGATIVE, dtype=torch.int64, device=iou.device)
     matched_vals, all_matches = iou.max(dim=1)  # (B, A)
-    matches = all_matches.clone()
-    matches[matched_vals < low] = NEGATIVE
-    matches[(matched_vals >= low) & (matched_vals < high)] = IGNORED
+    matches = all_matches.masked_fill(matched_vals < low, NEGATIVE)
+    if high > low:  # with high == low (PAA's pre-match) no IoU is in [low, high)
+        matches.masked_fill_((matched_vals >= low) & (matched_vals < high), IGNORED)
     if allow_low_quality:
         # Each real GT keeps the anchors it overlaps most (ties included), as in
         # torchvision: such an anchor takes its own argmax GT, not necessarily this one.
-        best_per_gt = iou.max(dim=2, keepdim=True).values  # (B, G, 1)
-        is_best = (iou == best_per_gt) & gt_mask.unsqueeze(-1)
-        anchor_is_best = is_best.any(dim=1)  # (B, A)
+        # A padded row's best is NaN, which equals no IoU.
+        best_per_gt = iou.amax(dim=2, keepdim=True).masked_fill_(~gt_mask.unsqueeze(-1), float("nan"))  # (B, G, 1)
+        anchor_is_best = (iou == best_per_gt).any(dim=1)  # (B, A)
         matches = torch.where(anchor_is_best, all_matches, matches)
     return matches
 

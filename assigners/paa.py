@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .anchor_score import AnchorLoss, CandidateAssigner, Candidates, rank_in_groups
+from .anchor_score import AnchorLoss, CandidateAssigner, Candidates, group_rank
 from .base import IGNORED, NEGATIVE, AssignInputs, Assignment
 from .gmm import GMM_BACKENDS, GMM_DTYPES, fit_gmm
 from .registry import register_assigner
@@ -58,29 +58,30 @@ class CandidateRows:
     loss: (B * G, K) float64, row b * G + g holds GT g of image b; K is the most
         candidates a GT can have (sum over levels of min(topk, anchors in level)).
     mask: (B * G, K) bool, True on the first ``num_candidates`` entries of a row.
-    anchor: (B * G, K) int64 anchor index of each entry, -1 where masked out.
+    position: (N,) int64 flat position (row * K + column) in ``loss`` of each entry of
+        ``Candidates.index``.
     """
 
     loss: Tensor
     mask: Tensor
-    anchor: Tensor
+    position: Tensor
 
 
 def sort_candidates(anchor_loss: AnchorLoss, candidates: Candidates, max_per_gt: int) -> CandidateRows:
-    """Gather each GT's candidate losses into a row, sorted ascending (ties: anchor index)."""
+    """Each GT's candidate losses as a row, sorted ascending (ties: anchor index).
+
+    ``Candidates.index`` lists the candidates in this order already (GT row, loss, anchor); an
+    entry's column is its position within its GT's run.
+    """
     b, _ = anchor_loss.loss.shape
     g = candidates.num_candidates.shape[1]
-    img_idx, anchor_idx = candidates.mask.nonzero(as_tuple=True)  # row-major: by image, then anchor
-    row = img_idx * g + candidates.gt[img_idx, anchor_idx]
-    col = rank_in_groups(anchor_loss.loss[img_idx, anchor_idx], row)
     device = anchor_loss.loss.device
-    loss = torch.zeros(b * g, max_per_gt, dtype=torch.float64, device=device)
-    mask = torch.zeros(b * g, max_per_gt, dtype=torch.bool, device=device)
-    anchor = torch.full((b * g, max_per_gt), -1, dtype=torch.int64, device=device)
-    loss[row, col] = anchor_loss.loss[img_idx, anchor_idx].to(torch.float64)
-    mask[row, col] = True
-    anchor[row, col] = anchor_idx
-    return CandidateRows(loss=loss, mask=mask, anchor=anchor)
+    position = candidates.row * max_per_gt + group_rank(candidates.row)
+    loss = torch.zeros(b * g * max_per_gt, dtype=torch.float64, device=device)
+    mask = torch.zeros(b * g * max_per_gt, dtype=torch.bool, device=device)
+    loss[position] = anchor_loss.loss.reshape(-1)[candidates.index].to(torch.float64)
+    mask[position] = True
+    return CandidateRows(loss=loss.view(b * g, max_per_gt), mask=mask.view(b * g, max_per_gt), position=position)
 
 
 def _first_peak(log_density: Tensor, selected: Tensor) -> Tensor:
@@ -88,8 +89,7 @@ def _first_peak(log_density: Tensor, selected: Tensor) -> Tensor:
     k = log_density.shape[1]
     best = torch.where(selected, log_density, float("-inf")).amax(dim=1, keepdim=True)
     is_peak = selected & (log_density == best)
-    position = torch.arange(k, device=log_density.device).expand_as(is_peak)
-    return torch.where(is_peak, position, k).amin(dim=1)
+    return torch.where(is_peak, torch.arange(k, device=log_density.device), k).amin(dim=1)
 
 
 def split_by_scheme(labels: Tensor, log_density: Tensor, mask: Tensor, scheme: str) -> tuple[Tensor, Tensor]:
@@ -106,14 +106,17 @@ def split_by_scheme(labels: Tensor, log_density: Tensor, mask: Tensor, scheme: s
     if n == 0 or k == 0:
         return torch.zeros_like(mask), torch.zeros_like(mask)
     foreground = mask & (labels == 0)
-    background = mask & (labels == 1)
-    position = torch.arange(k, device=mask.device).expand(n, k)
-    up_to_fg_peak = mask & (position <= _first_peak(log_density, foreground).unsqueeze(1))
+    position = torch.arange(k, device=mask.device)  # broadcasts over the rows
     if scheme == "a":
         positive = foreground
     else:
-        positive = up_to_fg_peak
+        positive = mask & (position <= _first_peak(log_density, foreground).unsqueeze(1))
+    # No foreground component at all: every candidate is positive (official, for recall).
+    no_foreground = ~foreground.any(dim=1, keepdim=True)
+    if scheme in ("a", "c"):
+        return torch.where(no_foreground, mask, positive), torch.zeros_like(mask)
     rest = mask & ~positive
+    background = mask & (labels == 1)
     if scheme == "b":
         ignored = rest & (position < _first_peak(log_density, background).unsqueeze(1))
     elif scheme == "b_official":
@@ -121,15 +124,9 @@ def split_by_scheme(labels: Tensor, log_density: Tensor, mask: Tensor, scheme: s
         tail_start = mask.sum(dim=1, keepdim=True) - _first_peak(log_density, background).unsqueeze(1) - 1
         has_background = background.any(dim=1, keepdim=True)
         ignored = rest & has_background & (position < tail_start)
-    elif scheme == "d":
+    else:  # "d"
         ignored = rest & foreground
-    else:
-        ignored = torch.zeros_like(mask)
-    # No foreground component at all: every candidate is positive (official, for recall).
-    no_foreground = ~foreground.any(dim=1, keepdim=True)
-    positive = torch.where(no_foreground, mask, positive)
-    ignored = ignored & ~no_foreground
-    return positive, ignored
+    return torch.where(no_foreground, mask, positive), ignored & ~no_foreground
 
 
 def separate_candidates(
@@ -198,7 +195,7 @@ class PAAAssigner(CandidateAssigner):
         self.gmm_dtype = gmm_dtype
 
     def assign(self, inputs: AssignInputs) -> Assignment:
-        b, g = inputs.batch_size, inputs.num_gt_slots
+        b, a = inputs.batch_size, inputs.anchors.shape[0]
         losses, candidates = self.score_candidates(inputs)
         max_per_gt = sum(min(self.topk, count) for count in inputs.num_anchors_per_level)
         rows = sort_candidates(losses, candidates, max_per_gt)
@@ -206,15 +203,15 @@ class PAAAssigner(CandidateAssigner):
             rows.loss, rows.mask, scheme=self.scheme, gmm_backend=self.gmm_backend, gmm_dtype=self.gmm_dtype
         )
 
-        # Row b * G + g of ``rows`` holds GT g of image b.
-        device = losses.prematch.device
-        row_image = torch.arange(b, device=device).repeat_interleave(g).unsqueeze(1).expand_as(rows.anchor)
-        row_gt = torch.arange(g, device=device).repeat(b).unsqueeze(1).expand_as(rows.anchor)
-        gt_index = torch.full_like(losses.prematch, NEGATIVE)
+        # Each candidate's label, read at its place in the rows; every other anchor is negative.
         # Candidate sets are disjoint (module docstring), so no anchor is written twice.
-        gt_index[row_image[ignored], rows.anchor[ignored]] = IGNORED
-        gt_index[row_image[positive], rows.anchor[positive]] = row_gt[positive]
-        return Assignment(gt_index=gt_index, num_candidates=candidates.num_candidates)
+        is_positive = positive.view(-1)[rows.position]
+        is_ignored = ignored.view(-1)[rows.position]
+        candidate_gt = candidates.row.remainder(inputs.num_gt_slots)
+        label = torch.where(is_positive, candidate_gt, torch.where(is_ignored, IGNORED, NEGATIVE))
+        gt_index = torch.full((b * a,), NEGATIVE, dtype=torch.int64, device=label.device)
+        gt_index[candidates.index] = label
+        return Assignment(gt_index=gt_index.view(b, a), num_candidates=candidates.num_candidates)
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Assignment cost of every assigner on two fixed, seeded batches, measured side by side.
 
-    python -m benchmarks.assign [--device cpu|cuda] [--reps N] [--threads N]
+    python -m benchmarks.assign [--device cpu|cuda] [--reps N] [--threads N] [--cases atss,paa-torch]
 
 Batches (built once, seeded, never changed by the assigners):
 - ``digits``: the GT of the first 8 images of the digits val set at 128 px, anchors of the digits
@@ -27,10 +27,15 @@ PAA(sklearn)/PAA(torch), PAA(official)/PAA(torch), the share of GTs whose positi
 for paa-torch and each of the other two, each case's peak memory growth, and its positives per GT on
 the batch (predictions of a half-trained detector, so a hint of each rule's selectivity, not its count
 over training: that is in each run's stats.csv).
+
+``--cases`` times only the named cases (comma-separated names of ``CASES`` and ``paa-official``), with
+the ratios and agreements among them, and skips the ``dense`` batch: ``--cases atss,paa-torch`` gives
+PAA(torch)/ATSS and the EM's share in seconds instead of the full run's many minutes.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import statistics
@@ -245,40 +250,59 @@ def em_share(assigner: assigners.Assigner, inputs: AssignInputs, device: torch.d
     return statistics.median(shares)
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    names = [*CASES, "paa-official"]
+    parser.add_argument(
+        "--cases",
+        type=lambda text: text.split(","),
+        default=names,
+        help=f"comma-separated cases to time (default all: {','.join(names)}); a subset skips the dense batch",
+    )
+
+
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], default_reps=10)
+    args = parse_args(__doc__.splitlines()[0], default_reps=10, add_arguments=add_arguments)
+    names = [*CASES, "paa-official"]
+    unknown = [case for case in args.cases if case not in names]
+    if unknown:
+        raise SystemExit(f"unknown cases {', '.join(unknown)}; valid: {', '.join(names)}")
+    selected = [case for case in names if case in args.cases]
     device = setup_device(args)
     print(describe_machine(device, args.threads), flush=True)
     batches = {"tiny": tiny_batch()} if args.tiny else {"digits": digits_batch(), "coco": coco_like_batch()}
     report = Report("assign", device, args.threads)
-    built = {case: assigners.build(**params) for case, params in CASES.items()}
+    built = {case: assigners.build(**params) for case, params in CASES.items() if case in selected}
     for section, cpu_inputs in batches.items():
         inputs = to_device(cpu_inputs, device)
         describe_batch(section, inputs)
         cases = {case: (lambda a=assigner, x=inputs: a(x)) for case, assigner in built.items()}
-        cases["paa-official"] = lambda x=inputs: official_paa(x)
+        if "paa-official" in selected:
+            cases["paa-official"] = lambda x=inputs: official_paa(x)
         seconds = time_interleaved(cases, reps=args.reps, warmup=args.warmup, device=device)
         ms = {case: median_ms(values) for case, values in seconds.items()}
         for case in cases:
             report.figure(section, f"{case} ms/batch", ms[case], "ms")
         for case, call in cases.items():
             report.figure(section, f"{case} peak memory", peak_memory_mb(call, device), "MiB")
-        for case in CASES:
+        for case in built:
             report.figure(section, f"{case} positives/GT", positives_per_gt(inputs, built[case](inputs)), "")
         coco = section == "coco"
-        report.ratio(section, "PAA(torch)/ATSS", median_ratio(seconds["paa-torch"], seconds["atss"]), "<= 2.0")
-        share = em_share(built["paa-torch"], inputs, device, reps=args.reps)
-        report.ratio(section, "EM share of PAA(torch)", share, unit="share")
+        if {"paa-torch", "atss"} <= cases.keys():
+            report.ratio(section, "PAA(torch)/ATSS", median_ratio(seconds["paa-torch"], seconds["atss"]), "<= 2.0")
+        if "paa-torch" in cases:
+            share = em_share(built["paa-torch"], inputs, device, reps=args.reps)
+            report.ratio(section, "EM share of PAA(torch)", share, unit="share")
         for case in ("tal", "simota", "ota", "dsl"):
-            report.ratio(section, f"{case}/ATSS", median_ratio(seconds[case], seconds["atss"]))
-        for other in ("sklearn", "official"):
+            if {case, "atss"} <= cases.keys():
+                report.ratio(section, f"{case}/ATSS", median_ratio(seconds[case], seconds["atss"]))
+        others = [other for other in ("sklearn", "official") if {f"paa-{other}", "paa-torch"} <= cases.keys()]
+        for other in others:
             ratio = median_ratio(seconds[f"paa-{other}"], seconds["paa-torch"])
             report.ratio(section, f"PAA({other})/PAA(torch)", ratio, ">= 20" if coco else "")
-        paa_torch = built["paa-torch"](inputs)
-        for other in ("sklearn", "official"):
-            agreement = positive_set_agreement(inputs, paa_torch, cases[f"paa-{other}"]())
+        for other in others:
+            agreement = positive_set_agreement(inputs, built["paa-torch"](inputs), cases[f"paa-{other}"]())
             report.ratio(section, f"GTs with equal positives, {other}", agreement, ">= 0.99", unit="share")
-    if not args.tiny:
+    if not args.tiny and len(selected) == len(names):
         dense_section(report, built, device)
     report.write_csv(args.out_dir)
 

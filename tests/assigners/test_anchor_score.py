@@ -6,10 +6,17 @@ import math
 
 import pytest
 import torch
-from torchvision.ops import box_iou, sigmoid_focal_loss
+from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from assigners import NEGATIVE, AssignInputs
-from assigners.anchor_score import anchor_loss, focal_loss_sum, rank_within_group, select_candidates
+from assigners.anchor_score import (
+    anchor_loss,
+    focal_loss_sum,
+    giou_loss,
+    group_rank,
+    rank_within_group,
+    select_candidates,
+)
 
 from .conftest import requires_cuda
 
@@ -187,3 +194,44 @@ def test_cuda_equals_cpu(make_batch):
     cuda = anchor_loss(make_batch(3, device="cuda"))
     assert torch.equal(cpu.prematch, cuda.prematch.cpu())
     torch.testing.assert_close(cpu.loss, cuda.loss.cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_giou_loss_is_torchvision_bit_for_bit():
+    gen = torch.Generator().manual_seed(3)
+    centre = torch.rand(600, 2, generator=gen) * 100
+    side = torch.rand(600, 2, generator=gen) * 60
+    target = torch.cat([centre - side, centre + side], dim=1)
+    pred = target + torch.randn(600, 4, generator=gen) * 20  # overlapping, disjoint, some inverted
+    pred[:50] = target[:50]  # identical boxes
+    pred[50:60, 2:] = pred[50:60, :2]  # empty boxes
+    pred[60:70] = torch.tensor([1e30, -1e30, float("inf"), float("nan")])  # non-finite
+    for dtype in (torch.float32, torch.float64):
+        p, t = pred.to(dtype), target.to(dtype)
+        expected = generalized_box_iou_loss(p, t, reduction="none")
+        assert torch.equal(giou_loss(p, t).view(torch.int64 if dtype == torch.float64 else torch.int32),
+                           expected.view(torch.int64 if dtype == torch.float64 else torch.int32))
+
+
+def test_group_rank_by_hand():
+    assert group_rank(torch.tensor([0, 0, 1, 1, 1, 3, 5, 5])).tolist() == [0, 1, 0, 1, 2, 0, 0, 1]
+    assert group_rank(torch.zeros(0, dtype=torch.int64)).tolist() == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_candidate_list_is_sorted_by_gt_then_loss_then_anchor(make_batch, seed):
+    # The flat list PAA builds its rows from, against a loop over each GT's candidates.
+    inputs = make_batch(seed, batch_size=3, max_gt=6)
+    losses = anchor_loss(inputs)
+    candidates = select_candidates(losses, inputs.num_anchors_per_level, 9, inputs.num_gt_slots)
+    a, g = inputs.anchors.shape[0], inputs.num_gt_slots
+    expected_index, expected_row = [], []
+    for image in range(inputs.batch_size):
+        for slot in range(g):
+            anchors = (candidates.gt[image] == slot).nonzero().flatten()
+            order = torch.sort(losses.loss[image, anchors], stable=True).indices  # ties: anchor order
+            expected_index += (image * a + anchors[order]).tolist()
+            expected_row += [image * g + slot] * anchors.numel()
+    assert candidates.index.tolist() == expected_index
+    assert candidates.row.tolist() == expected_row
+    assert torch.equal(candidates.mask, candidates.gt >= 0)
+    assert int(candidates.mask.sum()) == int(candidates.num_candidates.sum()) == len(expected_index)
