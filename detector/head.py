@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .backbone import group_norm
 from .dcn import ModulatedDeformConv
@@ -31,7 +32,8 @@ class Scale(nn.Module):
 def _tower(channels: int, num_convs: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(num_convs):
-        layers += [nn.Conv2d(channels, channels, 3, padding=1), group_norm(channels), nn.ReLU()]
+        # In place: GroupNorm's backward needs its input, not its output, so the ReLU may overwrite it.
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), group_norm(channels), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
@@ -98,13 +100,19 @@ class DenseHead(nn.Module):
     def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
         if len(features) != len(self.scales):
             raise ValueError(f"head built for {len(self.scales)} levels, got {len(features)} feature maps")
+        # The box-delta and quality convs read the same box feature: one conv with both filter banks
+        # (concatenated once per call, so the parameters stay two modules) computes the same outputs
+        # in one pass, a conv call fewer per level.
+        box_weight, box_bias = self.box_deltas.weight, self.box_deltas.bias
+        if self.quality is not None:
+            box_weight = torch.cat([box_weight, self.quality.weight])
+            box_bias = torch.cat([box_bias, self.quality.bias])
         cls_maps, box_maps, quality_maps = [], [], []
         for feature, scale in zip(features, self.scales):
-            cls_feature = self.cls_tower(feature)
-            box_feature = self.box_tower(feature)
-            cls_maps.append(self.cls_logits(cls_feature))
-            box_maps.append(scale(self.box_deltas(box_feature)))
+            cls_maps.append(self.cls_logits(self.cls_tower(feature)))
+            box_outputs = F.conv2d(self.box_tower(feature), box_weight, box_bias, padding=1)
+            box_maps.append(scale(box_outputs[:, :4]))
             if self.quality is not None:
-                quality_maps.append(self.quality(box_feature))
+                quality_maps.append(box_outputs[:, 4:])
         quality = flatten_levels(quality_maps).squeeze(-1) if self.quality is not None else None
         return flatten_levels(cls_maps), flatten_levels(box_maps), quality

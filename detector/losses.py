@@ -91,17 +91,39 @@ def loss_normalizers(
         reduce_sum: maps a (2,) tensor to its sum over processes (tests pass a fake one).
         world_size: number of processes (default: torch.distributed's, or 1).
     Returns:
-        (num_pos_avg, quality_sum_avg) as Python floats.
+        (num_pos_avg, quality_sum_avg) as Python floats (read from the device: ``device_loss_normalizers``
+        keeps them there).
     """
+    num_pos_avg, quality_sum_avg = device_loss_normalizers(
+        num_pos, quality_sum, reduce_sum=reduce_sum, world_size=world_size
+    )
+    return float(num_pos_avg), float(quality_sum_avg)
+
+
+def device_loss_normalizers(
+    num_pos: Tensor | float,
+    quality_sum: Tensor | float,
+    *,
+    reduce_sum: Callable[[Tensor], Tensor] | None = None,
+    world_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``loss_normalizers`` as two 0-dim float64 tensors on the device of the inputs, computed without
+    reading anything back to the host (the training step divides its losses by them)."""
     reduce_sum = reduce_sum or _all_reduce_sum
     world_size = world_size or _world_size()
     # One collective for both values, on the tensors' device (NCCL needs CUDA tensors).
     device = next((v.device for v in (quality_sum, num_pos) if isinstance(v, Tensor)), torch.device("cpu"))
-    local = torch.stack(
-        [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in (num_pos, quality_sum)]
-    )
-    total = reduce_sum(local).double().cpu() / float(world_size)
-    return max(float(total[0]), 1.0), max(float(total[1]), QUALITY_SUM_EPS)
+    local = torch.stack([_device_scalar(v, device) for v in (num_pos, quality_sum)])
+    total = reduce_sum(local).double() / float(world_size)
+    return total[0].clamp(min=1.0), total[1].clamp(min=QUALITY_SUM_EPS)
+
+
+def _device_scalar(value: Tensor | float, device: torch.device) -> Tensor:
+    """A 0-dim float64 tensor on ``device``; a Python number is written by a fill kernel, not copied
+    from host memory (a blocking copy on CUDA)."""
+    if isinstance(value, Tensor):
+        return value.to(device=device, dtype=torch.float64).reshape(())
+    return torch.full((), float(value), dtype=torch.float64, device=device)
 
 
 def crowd_overlap(anchors: Tensor, crowd_boxes: Tensor, crowd_mask: Tensor) -> Tensor:
@@ -240,7 +262,7 @@ class DetectionLoss:
         return torch.where((gt_index == NEGATIVE) & in_crowd, torch.full_like(gt_index, IGNORED), gt_index)
 
     def _classification_loss(self, cls_logits: Tensor, gt_index: Tensor, pos: tuple[Tensor, Tensor, Tensor],
-                             positive_targets: Tensor | float, num_pos_avg: float) -> Tensor:
+                             positive_targets: Tensor | float, num_pos_avg: Tensor) -> Tensor:
         """The scorer's classification loss (focal, QFL or VFL) over the non-ignored anchors, divided by
         the positives; targets ``positive_targets`` (P,) (or one value) on each positive's class, 0 elsewhere."""
         pos_image, pos_anchor, pos_labels = pos
@@ -248,8 +270,10 @@ class DetectionLoss:
         cls_targets[pos_image, pos_anchor, pos_labels] = (
             positive_targets.to(cls_targets.dtype) if isinstance(positive_targets, Tensor) else positive_targets
         )
-        valid = gt_index != IGNORED
-        loss = self.scorer.classification_loss(cls_logits[valid], cls_targets[valid], self.focal_alpha, self.focal_gamma)
+        # Ignored anchors are masked out of the sum, not selected away: a boolean selection would read
+        # their count back to the host (a synchronisation on CUDA) and copy the (B, A, C) logits.
+        loss = self.scorer.classification_loss(cls_logits, cls_targets, self.focal_alpha, self.focal_gamma,
+                                               valid=gt_index != IGNORED)
         return loss / num_pos_avg
 
     def _positive_targets(self, assignment: Assignment, pos: tuple[Tensor, Tensor, Tensor],
@@ -273,29 +297,38 @@ class DetectionLoss:
     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         self._check(out, targets)
         anchors = out.anchors
-        pred_boxes = self.box_coder.decode(out.box_deltas, anchors)  # (B, A, 4), with grad
+        # The assigner sees every anchor's decoded box, detached; the box loss decodes its positives again
+        # with grad, so the decoding's backward pass runs over the P positives rather than all B * A anchors.
+        with torch.no_grad():
+            pred_boxes = self.box_coder.decode(out.box_deltas, anchors)  # (B, A, 4)
         inputs = build_assign_inputs(out, pred_boxes, targets)
         gt_boxes, gt_labels = inputs.gt_boxes, inputs.gt_labels
         assignment, assign_timer = timed_assign(self.assigner, inputs)
         info: dict[str, Any] = {"assign_ms": assign_timer, "inputs": inputs, "assignment": assignment}
         gt_index = self._ignore_crowd_negatives(assignment.gt_index, anchors, targets)
 
-        # Positives: (P,) image and anchor indices, their GT boxes and labels.
+        # Positives: (P,) image and anchor indices, their GT boxes and labels. The loss's one host read (on
+        # CUDA, a synchronisation), kept because P sizes every per-positive tensor below.
         pos_image, pos_anchor = torch.nonzero(gt_index >= 0, as_tuple=True)
         pos_gt = gt_index[pos_image, pos_anchor]
         pos_gt_boxes = gt_boxes[pos_image, pos_gt]
         pos_labels = gt_labels[pos_image, pos_gt]
+        pos_anchors = anchors[pos_anchor]
+        pos_pred_boxes = self.box_coder.decode(out.box_deltas[pos_image, pos_anchor], pos_anchors)  # (P, 4), grad
 
         pos = (pos_image, pos_anchor, pos_labels)
         cls_pos_targets, quality_targets = self._positive_targets(assignment, pos, self.scorer.targets(
-            anchors[pos_anchor], pred_boxes[pos_image, pos_anchor].detach(), pos_gt_boxes
+            pos_anchors, pos_pred_boxes.detach(), pos_gt_boxes
         ))
-        num_pos_avg, quality_sum_avg = loss_normalizers(float(pos_anchor.numel()), quality_targets.sum().detach())
+        # Kept on the device (float32, the losses' dtype): nothing in the step waits for these values.
+        num_pos_avg, quality_sum_avg = (
+            norm.float() for norm in device_loss_normalizers(pos_anchor.numel(), quality_targets.sum().detach())
+        )
         cls_logits = out.cls_logits.float()
         loss_cls = self._classification_loss(cls_logits, gt_index, pos, cls_pos_targets, num_pos_avg)
 
         # PAA Sec. 3.3: box loss weighted by the (detached) quality target, normalised by its sum.
-        giou = generalized_box_iou_loss(pred_boxes[pos_image, pos_anchor].float(), pos_gt_boxes, reduction="none")
+        giou = generalized_box_iou_loss(pos_pred_boxes.float(), pos_gt_boxes, reduction="none")
         loss_box = (giou * quality_targets).sum() / quality_sum_avg
 
         if out.quality is not None:

@@ -46,6 +46,14 @@ class Detector(nn.Module):
 
     ``forward(images (B, 3, H, W) float in [0, 1]) -> DetectorOutput``. H and W should be
     multiples of ``size_divisibility`` (the largest stride) so every level's stride is exact.
+
+    ``channels_last`` runs the backbone and the FPN on channels-last (NHWC) maps with channels-last
+    conv weights, the layout oneDNN's CPU convolutions, BatchNorm and max-pooling compute in without
+    reordering; the head's input is made contiguous again (NCHW), since GroupNorm's CPU kernels are
+    slower on channels-last maps. The outputs equal the default layout's up to float reassociation,
+    but trainable BatchNorm's channels-last CPU kernel sums its statistics less precisely (about 5e-6
+    relative error against float64, 1e-7 in the default layout). On one CPU thread
+    (``benchmarks.train``, ResNet-18, 128 px, batch 8) a training step takes 2-7% less time.
     """
 
     def __init__(
@@ -65,6 +73,7 @@ class Detector(nn.Module):
         pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225),
         dcn_stages: tuple[int, ...] = (),
         dcn_tower: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
         if num_classes < 1:
@@ -89,6 +98,12 @@ class Detector(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
         self._anchor_cache: OrderedDict[tuple, tuple[Tensor, list[int]]] = OrderedDict()
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            # The conv weights take the layout of the activations; ``.to(device)`` and ``load_state_dict``
+            # keep it, and a checkpoint loads into either layout.
+            self.backbone.to(memory_format=torch.channels_last)
+            self.fpn.to(memory_format=torch.channels_last)
 
     @property
     def use_quality(self) -> bool:
@@ -110,7 +125,13 @@ class Detector(nn.Module):
     def forward(self, images: Tensor) -> DetectorOutput:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-        features = self.fpn(self.backbone((images - self.pixel_mean) / self.pixel_std))
+        normalized = (images - self.pixel_mean) / self.pixel_std
+        if self.channels_last:
+            normalized = normalized.contiguous(memory_format=torch.channels_last)
+        features = self.fpn(self.backbone(normalized))
+        if self.channels_last:
+            # The head stays in the default layout: GroupNorm's CPU kernels are slower on channels-last maps.
+            features = [feature.contiguous() for feature in features]
         cls_logits, box_deltas, quality = self.head(features)
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
         # Anchors stay at least float32 so decoding fp16/bf16 deltas under autocast is precise.

@@ -113,10 +113,21 @@ class Scorer:
         """(N,) detection score from the class probability and the quality logit."""
         raise NotImplementedError
 
-    def classification_loss(self, logits: Tensor, targets: Tensor, focal_alpha: float, focal_gamma: float) -> Tensor:
-        """Summed classification loss of (N, C) logits against (N, C) targets in [0, 1]: the sigmoid
-        focal loss (alpha, gamma from the detector's loss), soft targets as torchvision takes them."""
-        return sigmoid_focal_loss(logits, targets, alpha=focal_alpha, gamma=focal_gamma, reduction="sum")
+    def classification_loss(self, logits: Tensor, targets: Tensor, focal_alpha: float, focal_gamma: float,
+                            valid: Tensor | None = None) -> Tensor:
+        """Summed classification loss of (..., C) logits against (..., C) targets in [0, 1] (the scorer's
+        ``elementwise_classification_loss``), over the rows where the (...,) bool ``valid`` is True (all
+        rows when None). A mask rather than a selection: it needs no host read of how many rows count."""
+        loss = self.elementwise_classification_loss(logits, targets, focal_alpha, focal_gamma)
+        if valid is not None:
+            loss = torch.where(valid.unsqueeze(-1), loss, loss.new_zeros(()))
+        return loss.sum()
+
+    def elementwise_classification_loss(self, logits: Tensor, targets: Tensor, focal_alpha: float,
+                                        focal_gamma: float) -> Tensor:
+        """Classification loss of each logit, the shape of ``logits``: the sigmoid focal loss (alpha, gamma
+        from the detector's loss), soft targets as torchvision takes them."""
+        return sigmoid_focal_loss(logits, targets, alpha=focal_alpha, gamma=focal_gamma, reduction="none")
 
 
 @register_scorer("none")
@@ -206,10 +217,11 @@ class QualityFocalScorer(_JointScorer):
         super().__init__(cls_weight, box_weight, quality_weight)
         self.beta = _check_exponent(self.name, "beta", beta)
 
-    def classification_loss(self, logits: Tensor, targets: Tensor, focal_alpha: float, focal_gamma: float) -> Tensor:
-        """Summed QFL; the detector's focal alpha and gamma do not apply (QFL has neither)."""
+    def elementwise_classification_loss(self, logits: Tensor, targets: Tensor, focal_alpha: float,
+                                        focal_gamma: float) -> Tensor:
+        """QFL of each logit; the detector's focal alpha and gamma do not apply (QFL has neither)."""
         modulation = (targets - torch.sigmoid(logits)).abs().pow(self.beta)
-        return (F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * modulation).sum()
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * modulation
 
 
 @register_scorer("vfl")
@@ -225,10 +237,11 @@ class VarifocalScorer(_JointScorer):
         self.alpha = _check_exponent(self.name, "alpha", alpha)
         self.gamma = _check_exponent(self.name, "gamma", gamma)
 
-    def classification_loss(self, logits: Tensor, targets: Tensor, focal_alpha: float, focal_gamma: float) -> Tensor:
-        """Summed VFL; its own alpha and gamma replace the detector's focal ones."""
+    def elementwise_classification_loss(self, logits: Tensor, targets: Tensor, focal_alpha: float,
+                                        focal_gamma: float) -> Tensor:
+        """VFL of each logit; its own alpha and gamma replace the detector's focal ones."""
         weight = torch.where(targets > 0, targets, self.alpha * (torch.sigmoid(logits) - targets).abs().pow(self.gamma))
-        return (F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight).sum()
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight
 
 
 SCORERS = _SCORERS

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 import assigners
-from detector import DetectionLoss, DetectorOutput, build_scorer, crowd_overlap, loss_normalizers, pad_targets
+from detector import (
+    DetectionLoss,
+    DetectorOutput,
+    build_scorer,
+    crowd_overlap,
+    device_loss_normalizers,
+    loss_normalizers,
+    pad_targets,
+)
 from detector.losses import QUALITY_SUM_EPS
 
 LN2 = math.log(2.0)
@@ -267,3 +275,62 @@ def test_joint_scorers_weight_the_box_loss_by_their_target():
     losses, _ = DetectionLoss(SoftAssigner([[0, 1]], [[0.2, 0.8]]), build_scorer("vfl"), 2)(
         zero_output(anchors, quality=False), [gt])
     assert losses["loss_box"].item() == pytest.approx(2.0 * 0.42, rel=1e-5)
+
+
+def test_device_normalizers_are_the_normalizers_kept_on_the_device():
+    other = torch.tensor([5.0, 2.0], dtype=torch.float64)
+    num_pos, quality_sum = device_loss_normalizers(3, torch.tensor(1.2), reduce_sum=lambda t: t + other, world_size=2)
+    assert num_pos.dtype == quality_sum.dtype == torch.float64 and num_pos.dim() == quality_sum.dim() == 0
+    assert (float(num_pos), float(quality_sum)) == loss_normalizers(
+        3, torch.tensor(1.2), reduce_sum=lambda t: t + other, world_size=2)
+    num_pos, quality_sum = device_loss_normalizers(0, torch.tensor(0.0))
+    assert float(num_pos) == 1.0 and float(quality_sum) == QUALITY_SUM_EPS
+
+
+@pytest.mark.parametrize("name", ["none", "centerness", "iou", "qfl", "vfl"])
+def test_classification_loss_over_a_mask_equals_it_over_the_selected_rows(name):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 3, dtype=torch.float64)
+    targets = torch.zeros(2, 5, 3, dtype=torch.float64)
+    targets[0, 1, 2], targets[1, 3, 0] = 1.0, 0.6
+    valid = torch.tensor([[True, True, False, True, True], [False, True, True, True, False]])
+    scorer = build_scorer(name)
+    selected = scorer.classification_loss(logits[valid], targets[valid], 0.25, 2.0)
+    torch.testing.assert_close(scorer.classification_loss(logits, targets, 0.25, 2.0, valid=valid), selected)
+    # What a masked-out row holds does not reach the sum.
+    logits[~valid] = float("nan")
+    torch.testing.assert_close(scorer.classification_loss(logits, targets, 0.25, 2.0, valid=valid), selected)
+
+
+def test_box_loss_gradient_reaches_only_the_positives():
+    out = zero_output([[0.0, 0.0, 8.0, 8.0], [8.0, 0.0, 16.0, 8.0], [0.0, 8.0, 8.0, 16.0]])
+    losses, _ = DetectionLoss(FixedAssigner([[0, assigners.NEGATIVE, assigners.IGNORED]]), build_scorer("iou"), 2)(
+        out, [target([[0.0, 0.0, 10.0, 12.0]], [1])]
+    )
+    losses["loss_box"].backward()
+    assert out.box_deltas.grad[0, 0].abs().sum() > 0
+    assert float(out.box_deltas.grad[0, 1:].abs().sum()) == 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_the_loss_reads_the_device_once_on_cuda():
+    # The positives' nonzero() is the one read the step needs (it sizes every per-positive tensor); the
+    # normalisers, the ignored anchors and the assignment timer stay on the device.
+    device = torch.device("cuda")
+    out = zero_output([[0.0, 0.0, 8.0, 8.0], [8.0, 0.0, 16.0, 8.0], [0.0, 8.0, 8.0, 16.0]])
+    out = DetectorOutput(out.cls_logits.detach().to(device), out.box_deltas.detach().to(device),
+                         out.quality.detach().to(device), out.anchors.to(device), out.num_anchors_per_level, out.strides)
+    assigner = FixedAssigner([[0, assigners.NEGATIVE, assigners.IGNORED]])
+    assigner.gt_index = assigner.gt_index.to(device)
+    targets = [{k: v.to(device) for k, v in target([[0.0, 0.0, 10.0, 12.0]], [1]).items()}]
+    loss = DetectionLoss(assigner, build_scorer("centerness"), 2)
+    loss(out, targets)  # warm-up: lazy CUDA initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as caught:
+            loss(out, targets)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]

@@ -168,3 +168,70 @@ def test_training_step_and_inference_with_the_real_loss():
         assert 0 < len(result["boxes"]) <= 100
         assert (result["boxes"][:, 2] <= width).all() and (result["boxes"][:, 3] <= height).all()
         assert (result["scores"][:-1] >= result["scores"][1:]).all()
+
+
+def test_head_box_and_quality_outputs_are_their_own_convs():
+    # The head runs the box-delta and quality convs as one conv over the concatenated filters; each
+    # output must still be what its own module gives on the box tower's feature.
+    torch.manual_seed(0)
+    head = DenseHead(in_channels=16, num_classes=3, num_levels=2, num_convs=2).double()
+    for scale, value in zip(head.scales, (0.5, 2.0)):
+        nn.init.constant_(scale.scale, value)
+    features = [torch.randn(2, 16, 4, 4, dtype=torch.float64), torch.randn(2, 16, 2, 2, dtype=torch.float64)]
+    cls_logits, box_deltas, quality = head(features)
+    with torch.no_grad():
+        box_features = [head.box_tower(f) for f in features]
+        expected_deltas = [s(head.box_deltas(b)).permute(0, 2, 3, 1).flatten(1, 2) for s, b in zip(head.scales, box_features)]
+        expected_quality = [head.quality(b).flatten(1) for b in box_features]
+        expected_cls = [head.cls_logits(head.cls_tower(f)).permute(0, 2, 3, 1).flatten(1, 2) for f in features]
+    torch.testing.assert_close(box_deltas, torch.cat(expected_deltas, dim=1))
+    torch.testing.assert_close(quality, torch.cat(expected_quality, dim=1))
+    torch.testing.assert_close(cls_logits, torch.cat(expected_cls, dim=1))
+    (box_deltas.sum() + quality.sum()).backward()
+    assert head.box_deltas.weight.grad.abs().sum() > 0 and head.quality.weight.grad.abs().sum() > 0
+
+
+def _loss_and_gradients(model, images, targets):
+    import assigners
+    from detector import DetectionLoss, build_scorer
+
+    losses, _ = DetectionLoss(assigners.build("atss"), build_scorer("centerness"), 3)(model(images), targets)
+    model.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    return {k: v.detach() for k, v in losses.items()}, {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
+def test_channels_last_gives_the_losses_and_gradients_of_the_default_layout(norm):
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 64, 64)
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0], [20.0, 8.0, 60.0, 30.0]]), "labels": torch.tensor([2, 0])},
+               {"boxes": torch.tensor([[10.0, 12.0, 50.0, 62.0]]), "labels": torch.tensor([1])}]
+    torch.manual_seed(1)
+    default = small_detector(norm=norm, frozen_stages=0 if norm == "bn" else 1)
+    torch.manual_seed(1)
+    nhwc = small_detector(norm=norm, frozen_stages=0 if norm == "bn" else 1, channels_last=True)
+    conv = nhwc.backbone.layer2[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert nhwc.head.cls_tower[0].weight.is_contiguous()  # the head keeps the default layout
+    torch.testing.assert_close(dict(nhwc.state_dict()), dict(default.state_dict()))
+    losses, grads = _loss_and_gradients(default, images, targets)
+    nhwc_losses, nhwc_grads = _loss_and_gradients(nhwc, images, targets)
+    # Same sums in another order: float32 rounding, ~1e-7 relative per conv. Trainable BatchNorm's
+    # channels-last CPU kernel accumulates its statistics less precisely (~5e-6 relative on a
+    # 32k-element channel against ~1e-7 for the default layout, both measured against float64), and
+    # backpropagation through a random-init network amplifies such differences in the gradients.
+    torch.testing.assert_close(nhwc_losses, losses, rtol=1e-5, atol=1e-6)
+    # The absolute floor covers gradients that are zero but for rounding: the bias of a conv whose
+    # output GroupNorm normalises one channel per group.
+    grad_rtol = 1e-4 if norm == "frozen_bn" else 1e-3
+    largest = max(float(g.norm()) for g in grads.values() if g is not None)
+    for name, grad in grads.items():
+        if grad is None:
+            assert nhwc_grads[name] is None
+            continue
+        difference = float((nhwc_grads[name] - grad).norm())
+        assert difference <= grad_rtol * float(grad.norm()) + 1e-6 * largest, f"{name}: gradient differs by {difference:.2e}"
+    # A checkpoint of either layout loads into the other one.
+    default.load_state_dict(nhwc.state_dict())
+    assert default.backbone.layer2[0].conv1.weight.is_contiguous()
