@@ -108,7 +108,7 @@ if [[ $MODE == gpu ]]; then
     GRID_DATA=(data.digits.num_train=2000 data.digits.num_val=200)
     section data 0 make_data
     if [[ $GRID_ONLY == 0 ]]; then
-        section tests 100 "$PY" -m pytest tests/assigners -q -p no:cacheprovider
+        section tests 100 "$PY" -m pytest tests/assigners tests/detector/test_losses.py::test_the_loss_reads_the_device_once_on_cuda -q -p no:cacheprovider
         section assign 60 "$PY" -m benchmarks.assign --device cuda --out-dir "$WORK/bench"
         section train 60 "$PY" -m benchmarks.train --device cuda --out-dir "$WORK/bench"
     fi
@@ -124,7 +124,7 @@ else
     # CPU caps are generous: a shared 2-core machine ran the train section past 60 s and the grid (now with
     # its error analyses, detections and report.html) past 120 s while a training ran beside it.
     if [[ $GRID_ONLY == 0 ]]; then
-        section tests 120 "$PY" -m pytest tests/assigners -q -p no:cacheprovider -k cuda
+        section tests 120 "$PY" -m pytest tests/assigners tests/detector/test_losses.py -q -p no:cacheprovider -k cuda
         section assign 120 "$PY" -m benchmarks.assign --device cpu --tiny --reps 1 --warmup 0 --out-dir "$WORK/bench"
         section train 120 "$PY" -m benchmarks.train --device cpu --tiny --reps 1 --warmup 0 --out-dir "$WORK/bench"
     fi
