@@ -71,13 +71,13 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def loss_normalizers(
+def device_loss_normalizers(
     num_pos: Tensor | float,
     quality_sum: Tensor | float,
     *,
     reduce_sum: Callable[[Tensor], Tensor] | None = None,
     world_size: int | None = None,
-) -> tuple[float, float]:
+) -> tuple[Tensor, Tensor]:
     """Per-process loss normalisers, as the official ATSS / PAA code computes them.
 
     Both local values are summed over processes (``reduce_sum``, default an all-reduce when
@@ -91,24 +91,10 @@ def loss_normalizers(
         reduce_sum: maps a (2,) tensor to its sum over processes (tests pass a fake one).
         world_size: number of processes (default: torch.distributed's, or 1).
     Returns:
-        (num_pos_avg, quality_sum_avg) as Python floats (read from the device: ``device_loss_normalizers``
-        keeps them there).
+        (num_pos_avg, quality_sum_avg) as two 0-dim float64 tensors on the device of the inputs,
+        computed without reading anything back to the host (the training step divides its losses
+        by them).
     """
-    num_pos_avg, quality_sum_avg = device_loss_normalizers(
-        num_pos, quality_sum, reduce_sum=reduce_sum, world_size=world_size
-    )
-    return float(num_pos_avg), float(quality_sum_avg)
-
-
-def device_loss_normalizers(
-    num_pos: Tensor | float,
-    quality_sum: Tensor | float,
-    *,
-    reduce_sum: Callable[[Tensor], Tensor] | None = None,
-    world_size: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``loss_normalizers`` as two 0-dim float64 tensors on the device of the inputs, computed without
-    reading anything back to the host (the training step divides its losses by them)."""
     reduce_sum = reduce_sum or _all_reduce_sum
     world_size = world_size or _world_size()
     # One collective for both values, on the tensors' device (NCCL needs CUDA tensors).

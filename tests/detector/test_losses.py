@@ -18,7 +18,6 @@ from detector import (
     build_scorer,
     crowd_overlap,
     device_loss_normalizers,
-    loss_normalizers,
     pad_targets,
 )
 from detector.losses import QUALITY_SUM_EPS
@@ -197,18 +196,23 @@ def test_pad_targets():
     assert gt_boxes.shape == (2, 0, 4) and gt_labels.shape == (2, 0) and gt_mask.shape == (2, 0)
 
 
+def normalizers(num_pos, quality_sum, **kwargs):
+    """The two normalisers read back as Python floats."""
+    return tuple(float(v) for v in device_loss_normalizers(num_pos, quality_sum, **kwargs))
+
+
 def test_normalizers_with_a_fake_all_reduce():
     # Two processes: (3 positives, quality sum 1.2) here and (5, 2.0) on the other one.
     other = torch.tensor([5.0, 2.0], dtype=torch.float64)
-    num_pos, quality_sum = loss_normalizers(3.0, torch.tensor(1.2), reduce_sum=lambda t: t + other, world_size=2)
+    num_pos, quality_sum = normalizers(3.0, torch.tensor(1.2), reduce_sum=lambda t: t + other, world_size=2)
     assert num_pos == pytest.approx(4.0) and quality_sum == pytest.approx(1.6)
     # One process on the merged batch divides by 8 and 3.2; with DDP averaging gradients over the
     # 2 processes, each process's divisor times the world size must equal that.
-    merged = loss_normalizers(8.0, torch.tensor(3.2))
+    merged = normalizers(8.0, torch.tensor(3.2))
     assert merged == pytest.approx((2 * num_pos, 2 * quality_sum))
     # Without torch.distributed the local values are used; zero positives clamp to 1 and eps.
-    assert loss_normalizers(0.0, torch.tensor(0.0)) == (1.0, QUALITY_SUM_EPS)
-    assert loss_normalizers(
+    assert normalizers(0.0, torch.tensor(0.0)) == (1.0, QUALITY_SUM_EPS)
+    assert normalizers(
         0.0, 0.0, reduce_sum=lambda t: t + torch.tensor([1.0, 0.5], dtype=torch.float64), world_size=2
     ) == pytest.approx((1.0, 0.25))
 
@@ -277,14 +281,13 @@ def test_joint_scorers_weight_the_box_loss_by_their_target():
     assert losses["loss_box"].item() == pytest.approx(2.0 * 0.42, rel=1e-5)
 
 
-def test_device_normalizers_are_the_normalizers_kept_on_the_device():
+def test_normalizers_stay_on_the_device_of_the_inputs_as_float64_scalars():
     other = torch.tensor([5.0, 2.0], dtype=torch.float64)
+    # An integer count and a float32 sum: both come back as 0-dim float64 tensors, not Python numbers.
     num_pos, quality_sum = device_loss_normalizers(3, torch.tensor(1.2), reduce_sum=lambda t: t + other, world_size=2)
     assert num_pos.dtype == quality_sum.dtype == torch.float64 and num_pos.dim() == quality_sum.dim() == 0
-    assert (float(num_pos), float(quality_sum)) == loss_normalizers(
-        3, torch.tensor(1.2), reduce_sum=lambda t: t + other, world_size=2)
-    num_pos, quality_sum = device_loss_normalizers(0, torch.tensor(0.0))
-    assert float(num_pos) == 1.0 and float(quality_sum) == QUALITY_SUM_EPS
+    assert num_pos.device == quality_sum.device == torch.device("cpu")
+    assert float(num_pos) == 4.0 and float(quality_sum) == pytest.approx(1.6)
 
 
 @pytest.mark.parametrize("name", ["none", "centerness", "iou", "qfl", "vfl"])
