@@ -16,7 +16,8 @@ Departures:
 - The anchor's location is its centre (RTMDet's point priors have offset 0 and are compared as
   they are; with this detector's anchors the centre is the location its box is regressed from).
 - The sum over classes is computed without a (B, G, A, C) tensor: the cost against all-zero
-  labels, with the GT class's term swapped for its soft-label term.
+  labels, with the GT class's term swapped for its soft-label term, from the valid anchors'
+  logits only.
 - The IoU is plain ``box_iou``, non-finite values as 0 (``base.predicted_iou``); an anchor whose
   cost is NaN (a NaN logit) is never taken.
 - Memory: mmdetection builds the (valid anchors, G, C) soft-label tensors, which is what runs out of
@@ -32,28 +33,30 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .base import AssignInputs, anchor_strides, check_positive_int, check_real, predicted_iou
-from .dynamic_k import DynamicKAssigner
+from .dynamic_k import DynamicKAssigner, class_terms_over_rows
 from .geometry import box_centers, centers_inside_boxes
 from .registry import register_assigner
 
 IOU_EPS = 1e-7  # mmdetection's EPS in -log(IoU + EPS)
 
 
-def soft_label_cost(cls_logits: Tensor, gt_labels: Tensor, iou: Tensor) -> Tensor:
-    """(B, G, A) sum over classes of BCEwithlogits(x_c, y_c) * (y_c - sigmoid(x_c))^2, y = onehot(label) * iou.
+def zero_label_cost(logits: Tensor) -> Tensor:
+    """BCEwithlogits(x, 0) * sigmoid(x)^2: one class's soft classification cost against a 0 label."""
+    return F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * torch.sigmoid(logits).square()
 
-    cls_logits: (B, A, C); gt_labels: (B, G) in [0, C); iou: (B, G, A), the soft label of each pair.
+
+def soft_label_cost(cls_logits: Tensor, gt_labels: Tensor, iou: Tensor, rows: Tensor) -> Tensor:
+    """(B, G, A) sum over classes of BCEwithlogits(x_c, y_c) * (y_c - sigmoid(x_c))^2, y = onehot(label) * iou,
+    at the anchors in ``rows``; the other anchors' entries are not the cost (the caller masks them).
+
+    cls_logits: (B, A, C); gt_labels: (B, G) in [0, C); iou: (B, G, A), the soft label of each pair;
+    rows: (B, A) bool. The sum against all-zero labels is taken per anchor, and the GT class's term
+    swapped for its soft-label term.
     """
-    logits = cls_logits.to(iou.dtype)
-    prob = torch.sigmoid(logits)
-    zero_label = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * prob.square()
-    g, a = gt_labels.shape[1], logits.shape[1]
-    label_index = gt_labels.clamp(0, logits.shape[-1] - 1).unsqueeze(1).expand(-1, a, g)
-    label_logit = logits.gather(2, label_index).transpose(1, 2)  # (B, G, A)
-    label_prob = prob.gather(2, label_index).transpose(1, 2)
-    label_zero = zero_label.gather(2, label_index).transpose(1, 2)
+    (label_logit, _), (label_prob, _), (label_zero, zero_total) = class_terms_over_rows(
+        (torch.clone, torch.sigmoid, zero_label_cost), cls_logits, gt_labels, rows, iou.dtype)
     soft = F.binary_cross_entropy_with_logits(label_logit, iou, reduction="none") * (iou - label_prob).square()
-    return soft.sub_(label_zero).add_(zero_label.sum(dim=-1).unsqueeze(1))
+    return soft.sub_(label_zero).add_(zero_total.unsqueeze(1))
 
 
 @register_assigner("dsl", uses_predictions=True)
@@ -75,7 +78,8 @@ class DynamicSoftLabelAssigner(DynamicKAssigner):
         centers = box_centers(inputs.anchors.to(dtype))
         real = inputs.gt_mask.unsqueeze(-1)  # (B, G, 1)
         in_box = centers_inside_boxes(centers, inputs.gt_boxes.unsqueeze(2), 0.0) & real  # (B, G, A)
-        valid = in_box.any(dim=1, keepdim=True) & real  # (B, G, A): valid anchor, real GT
+        valid_anchor = in_box.any(dim=1)  # (B, A)
+        valid = valid_anchor.unsqueeze(1) & real  # (B, G, A): valid anchor, real GT
         del in_box
         iou = predicted_iou(inputs).masked_fill_(~valid, 0.0)
         offset = centers - box_centers(inputs.gt_boxes).unsqueeze(2)  # (B, G, A, 2)
@@ -83,9 +87,9 @@ class DynamicSoftLabelAssigner(DynamicKAssigner):
         del offset
         cost = torch.pow(10.0, distance.sub_(self.soft_center_radius))
         cost.add_((iou + IOU_EPS).log_().mul_(-self.iou_weight))
-        cost.add_(soft_label_cost(inputs.cls_logits, inputs.gt_labels, iou))
+        cost.add_(soft_label_cost(inputs.cls_logits, inputs.gt_labels, iou, valid_anchor))
         cost.masked_fill_(~valid, float("inf"))
         return cost, iou
 
 
-__all__ = ["DynamicSoftLabelAssigner", "soft_label_cost"]
+__all__ = ["DynamicSoftLabelAssigner", "soft_label_cost", "zero_label_cost"]

@@ -15,6 +15,8 @@ lower GT slot (``torch.min`` semantics).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 
@@ -27,6 +29,34 @@ from .base import (
     all_negative,
     assign_in_image_chunks,
 )
+
+
+def class_terms_over_rows(
+    terms: Sequence[Callable[[Tensor], Tensor]], cls_logits: Tensor, gt_labels: Tensor, rows: Tensor,
+    dtype: torch.dtype,
+) -> list[tuple[Tensor, Tensor]]:
+    """Elementwise per-class terms of the logits, computed at the anchors in ``rows`` only.
+
+    cls_logits: (B, A, C), cast to ``dtype`` first; gt_labels: (B, G) (padded slots: any value,
+    clamped into [0, C)); rows: (B, A) bool, the anchors whose costs are needed (the valid ones:
+    every other anchor's cost is +inf). On a COCO-like batch rows hold about 30% of the anchors, on
+    200 GTs per image over 90%.
+    Returns, for each ``term``, ``(at_label, total)``: at_label (B, G, A), term(x) at each GT slot's
+    class, and total (B, A), term(x) summed over the C classes; both 0 outside ``rows``.
+    """
+    b, a, c = cls_logits.shape
+    image, anchor = rows.nonzero(as_tuple=True)
+    selected = cls_logits[image, anchor].to(dtype)  # (V, C)
+    labels = gt_labels.clamp(0, c - 1)[image]  # (V, G): the classes of each row's image's GT slots
+    results = []
+    for term in terms:
+        values = term(selected)
+        at_label = torch.zeros(b, a, labels.shape[1], dtype=dtype, device=cls_logits.device)
+        at_label[image, anchor] = values.gather(1, labels)
+        total = torch.zeros(b, a, dtype=dtype, device=cls_logits.device)
+        total[image, anchor] = values.sum(dim=-1)
+        results.append((at_label.transpose(1, 2), total))
+    return results
 
 
 def dynamic_k_match(cost: Tensor, iou: Tensor, candidate_topk: int) -> Assignment:
@@ -84,4 +114,4 @@ class DynamicKAssigner(Assigner):
         return dynamic_k_match(*self.costs(inputs), self.candidate_topk)
 
 
-__all__ = ["DynamicKAssigner", "dynamic_k_match"]
+__all__ = ["DynamicKAssigner", "class_terms_over_rows", "dynamic_k_match"]

@@ -18,7 +18,7 @@ Departures:
   point priors by half a stride before assigning, which is the same point).
 - The per-class BCE keeps torch's clamp of each log at -100, as ``F.binary_cross_entropy``
   does officially; the sum over classes is computed without a (B, G, A, C) tensor (the sum against
-  all-zero targets, with the GT class's term swapped).
+  all-zero targets, with the GT class's term swapped), from the valid anchors' logits only.
 - The IoU is plain ``box_iou``, non-finite values as 0 (``base.predicted_iou``); an anchor whose
   cost is NaN (a NaN logit) is never taken.
 - Ties: see ``assigners.dynamic_k``.
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .base import AssignInputs, anchor_strides, check_positive_int, check_real, predicted_iou
-from .dynamic_k import DynamicKAssigner
+from .dynamic_k import DynamicKAssigner, class_terms_over_rows
 from .geometry import box_centers, centers_inside_boxes
 from .registry import register_assigner
 
@@ -39,18 +39,26 @@ OUTSIDE_COST = 1e5  # mmdetection's INF, added where the anchor is not in both b
 LOG_CLAMP = -100.0  # F.binary_cross_entropy clamps each log at -100
 
 
-def one_hot_bce_cost(cls_logits: Tensor, gt_labels: Tensor, dtype: torch.dtype) -> Tensor:
-    """(B, G, A) sum over classes of BCE(sigmoid(x_c), onehot_c(label of g)), as ``F.binary_cross_entropy``.
+def negative_bce(logits: Tensor) -> Tensor:
+    """-log(1 - sigmoid(x)), the BCE against a 0 target, with ``F.binary_cross_entropy``'s log clamp."""
+    return -torch.log1p(-torch.sigmoid(logits)).clamp_(min=LOG_CLAMP)
 
-    cls_logits: (B, A, C); gt_labels: (B, G) in [0, C) (padded slots: any valid class).
+
+def positive_bce(logits: Tensor) -> Tensor:
+    """-log(sigmoid(x)), the BCE against a 1 target, with ``F.binary_cross_entropy``'s log clamp."""
+    return -torch.log(torch.sigmoid(logits)).clamp_(min=LOG_CLAMP)
+
+
+def one_hot_bce_cost(cls_logits: Tensor, gt_labels: Tensor, dtype: torch.dtype, rows: Tensor) -> Tensor:
+    """(B, G, A) sum over classes of BCE(sigmoid(x_c), onehot_c(label of g)), as ``F.binary_cross_entropy``,
+    at the anchors in ``rows``; the other anchors' entries are not the cost (the caller masks them).
+
+    cls_logits: (B, A, C); gt_labels: (B, G) in [0, C) (padded slots: any valid class); rows: (B, A)
+    bool. The sum against all-zero targets is taken per anchor, and the GT class's term swapped.
     """
-    prob = torch.sigmoid(cls_logits.to(dtype))
-    negative = -torch.log1p(-prob).clamp_(min=LOG_CLAMP)  # (B, A, C) -log(1 - p)
-    positive = -torch.log(prob).clamp_(min=LOG_CLAMP)  # -log p
-    g = gt_labels.shape[1]
-    label_index = gt_labels.clamp(0, cls_logits.shape[-1] - 1).unsqueeze(1).expand(-1, prob.shape[1], g)
-    swap = (positive.gather(2, label_index) - negative.gather(2, label_index)).transpose(1, 2)  # (B, G, A)
-    return swap.add_(negative.sum(dim=-1).unsqueeze(1))
+    (negative, negative_total), (positive, _) = class_terms_over_rows(
+        (negative_bce, positive_bce), cls_logits, gt_labels, rows, dtype)
+    return (positive - negative).add_(negative_total.unsqueeze(1))  # (B, G, A)
 
 
 def centre_region_mask(centers: Tensor, gt_boxes: Tensor, half_side: Tensor) -> Tensor:
@@ -90,13 +98,14 @@ class SimOTAAssigner(DynamicKAssigner):
         in_box = centers_inside_boxes(centers, inputs.gt_boxes.unsqueeze(2), 0.0) & real  # (B, G, A)
         in_centre = centre_region_mask(centers, inputs.gt_boxes, self.center_radius * anchor_strides(inputs, self.name))
         in_centre &= real
-        valid = (in_box | in_centre).any(dim=1, keepdim=True) & real  # (B, G, A): valid anchor, real GT
+        valid_anchor = (in_box | in_centre).any(dim=1)  # (B, A)
+        valid = valid_anchor.unsqueeze(1) & real  # (B, G, A): valid anchor, real GT
         iou = predicted_iou(inputs).masked_fill_(~valid, 0.0)
-        cost = one_hot_bce_cost(inputs.cls_logits, inputs.gt_labels, dtype).mul_(self.cls_weight)
+        cost = one_hot_bce_cost(inputs.cls_logits, inputs.gt_labels, dtype, valid_anchor).mul_(self.cls_weight)
         cost.add_((iou + IOU_EPS).log_().mul_(-self.iou_weight))
         cost.add_((~(in_box & in_centre)).to(dtype).mul_(OUTSIDE_COST))
         cost.masked_fill_(~valid, float("inf"))
         return cost, iou
 
 
-__all__ = ["SimOTAAssigner", "centre_region_mask", "one_hot_bce_cost"]
+__all__ = ["SimOTAAssigner", "centre_region_mask", "negative_bce", "one_hot_bce_cost", "positive_bce"]

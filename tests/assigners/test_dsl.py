@@ -23,6 +23,7 @@ from torchvision.ops import box_iou
 
 import assigners
 from assigners import NEGATIVE, AssignInputs
+from assigners.dsl import soft_label_cost
 
 from .conftest import as_float64, make_anchors
 from .test_simota import (
@@ -266,3 +267,19 @@ def test_needs_strides(make_batch):
 def test_needs_predictions(make_batch):
     with pytest.raises(ValueError, match="cls_logits"):
         assigners.build("dsl")(make_batch(0, predictions=False))
+
+
+def test_soft_label_cost_at_the_given_rows_is_the_dense_per_class_sum():
+    # The oracle builds the (B, G, A, C) soft labels y = onehot * IoU and sums over C.
+    torch.manual_seed(5)
+    logits = torch.randn(2, 6, 4, dtype=torch.float64) * 3
+    labels = torch.tensor([[2, 0], [1, 1]])
+    iou = torch.rand(2, 2, 6, dtype=torch.float64)
+    rows = torch.tensor([[True, True, False, True, False, True], [False, True, True, False, True, True]])
+    x = logits.unsqueeze(1).expand(-1, 2, -1, -1)  # (B, G, A, C)
+    y = F.one_hot(labels, 4).double().unsqueeze(2) * iou.unsqueeze(-1)
+    expected = (F.binary_cross_entropy_with_logits(x, y, reduction="none") * (y - torch.sigmoid(x)).square()).sum(dim=-1)
+    got = soft_label_cost(logits, labels, iou, rows)
+    assert got.shape == (2, 2, 6)
+    mask = rows.unsqueeze(1).expand_as(got)
+    torch.testing.assert_close(got[mask], expected[mask], rtol=1e-12, atol=1e-12)

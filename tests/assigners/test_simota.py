@@ -23,6 +23,7 @@ from torchvision.ops import box_iou
 
 import assigners
 from assigners import NEGATIVE, AssignInputs
+from assigners.simota import one_hot_bce_cost
 
 from .conftest import as_float64, make_anchors
 
@@ -364,3 +365,21 @@ def test_needs_strides(make_batch):
 def test_needs_predictions(make_batch):
     with pytest.raises(ValueError, match="cls_logits"):
         assigners.build("simota")(make_batch(0, predictions=False))
+
+
+def test_one_hot_bce_cost_at_the_given_rows_is_the_dense_per_class_sum():
+    # The oracle builds the (B, G, A, C) one-hot targets and sums F.binary_cross_entropy over C.
+    torch.manual_seed(3)
+    logits = torch.randn(2, 7, 5, dtype=torch.float64) * 4
+    logits[0, 2, 1], logits[1, 4, 3] = 200.0, -200.0  # saturated probabilities: the log clamp at -100
+    labels = torch.tensor([[1, 4, 0], [3, 3, 2]])
+    rows = torch.tensor([[True, False, True, True, False, True, True], [False, True, True, True, True, False, True]])
+    probs = torch.sigmoid(logits).unsqueeze(1).expand(-1, 3, -1, -1)  # (B, G, A, C)
+    onehot = F.one_hot(labels, 5).double().unsqueeze(2).expand_as(probs)
+    expected = F.binary_cross_entropy(probs, onehot, reduction="none").sum(dim=-1)  # (B, G, A)
+    got = one_hot_bce_cost(logits, labels, torch.float64, rows)
+    assert got.shape == (2, 3, 7)
+    mask = rows.unsqueeze(1).expand_as(got)
+    torch.testing.assert_close(got[mask], expected[mask], rtol=1e-12, atol=1e-12)
+    # Anchor 2 of image 0 has p = 1 in class 1; slot 1 (class 4) pays -log(1 - 1), clamped to 100.
+    assert bool(rows[0, 2]) and 100.0 <= float(got[0, 1, 2]) < 200.0
