@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .base import AssignInputs, anchor_strides, check_positive_int, check_real, predicted_iou
-from .dynamic_k import DynamicKAssigner, class_terms_over_rows
+from .dynamic_k import DynamicKAssigner, ValidRows
 from .geometry import box_centers, centers_inside_boxes
 from .registry import register_assigner
 
@@ -53,10 +53,11 @@ def soft_label_cost(cls_logits: Tensor, gt_labels: Tensor, iou: Tensor, rows: Te
     rows: (B, A) bool. The sum against all-zero labels is taken per anchor, and the GT class's term
     swapped for its soft-label term.
     """
-    (label_logit, _), (label_prob, _), (label_zero, zero_total) = class_terms_over_rows(
-        (torch.clone, torch.sigmoid, zero_label_cost), cls_logits, gt_labels, rows, iou.dtype)
+    valid = ValidRows(cls_logits, gt_labels, rows, iou.dtype)
+    zero_label = zero_label_cost(valid.logits)  # (V, C)
+    label_logit, label_prob = valid.at_labels(valid.logits), valid.at_labels(torch.sigmoid(valid.logits))
     soft = F.binary_cross_entropy_with_logits(label_logit, iou, reduction="none") * (iou - label_prob).square()
-    return soft.sub_(label_zero).add_(zero_total.unsqueeze(1))
+    return soft.sub_(valid.at_labels(zero_label)).add_(valid.total(zero_label).unsqueeze(1))
 
 
 @register_assigner("dsl", uses_predictions=True)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .base import AssignInputs, anchor_strides, check_positive_int, check_real, predicted_iou
-from .dynamic_k import DynamicKAssigner, class_terms_over_rows
+from .dynamic_k import DynamicKAssigner, ValidRows
 from .geometry import box_centers, centers_inside_boxes
 from .registry import register_assigner
 
@@ -56,9 +56,10 @@ def one_hot_bce_cost(cls_logits: Tensor, gt_labels: Tensor, dtype: torch.dtype, 
     cls_logits: (B, A, C); gt_labels: (B, G) in [0, C) (padded slots: any valid class); rows: (B, A)
     bool. The sum against all-zero targets is taken per anchor, and the GT class's term swapped.
     """
-    (negative, negative_total), (positive, _) = class_terms_over_rows(
-        (negative_bce, positive_bce), cls_logits, gt_labels, rows, dtype)
-    return (positive - negative).add_(negative_total.unsqueeze(1))  # (B, G, A)
+    valid = ValidRows(cls_logits, gt_labels, rows, dtype)
+    negative = negative_bce(valid.logits)  # (V, C)
+    swap = valid.at_labels(positive_bce(valid.logits)) - valid.at_labels(negative)  # (B, G, A)
+    return swap.add_(valid.total(negative).unsqueeze(1))
 
 
 def centre_region_mask(centers: Tensor, gt_boxes: Tensor, half_side: Tensor) -> Tensor:

@@ -288,6 +288,8 @@ def test_normalizers_stay_on_the_device_of_the_inputs_as_float64_scalars():
     assert num_pos.dtype == quality_sum.dtype == torch.float64 and num_pos.dim() == quality_sum.dim() == 0
     assert num_pos.device == quality_sum.device == torch.device("cpu")
     assert float(num_pos) == 4.0 and float(quality_sum) == pytest.approx(1.6)
+    num_pos, quality_sum = device_loss_normalizers(0, torch.tensor(0.0))
+    assert float(num_pos) == 1.0 and float(quality_sum) == QUALITY_SUM_EPS
 
 
 @pytest.mark.parametrize("name", ["none", "centerness", "iou", "qfl", "vfl"])
