@@ -55,9 +55,9 @@ def soft_label_cost(cls_logits: Tensor, gt_labels: Tensor, iou: Tensor, rows: Te
     """
     valid = ValidRows(cls_logits, gt_labels, rows, iou.dtype)
     zero_label = zero_label_cost(valid.logits)  # (V, C)
-    label_logit, label_prob = valid.at_labels(valid.logits), valid.at_labels(torch.sigmoid(valid.logits))
-    soft = F.binary_cross_entropy_with_logits(label_logit, iou, reduction="none") * (iou - label_prob).square()
-    return soft.sub_(valid.at_labels(zero_label)).add_(valid.total(zero_label).unsqueeze(1))
+    label_logit, label = valid.at_labels(valid.logits), valid.of_pairs(iou)  # (V, G)
+    soft = F.binary_cross_entropy_with_logits(label_logit, label, reduction="none") * (label - torch.sigmoid(label_logit)).square()
+    return valid.scatter(soft.sub_(valid.at_labels(zero_label)).add_(zero_label.sum(dim=-1, keepdim=True)))
 
 
 @register_assigner("dsl", uses_predictions=True)

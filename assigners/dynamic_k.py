@@ -30,12 +30,13 @@ from .base import (
 
 
 class ValidRows:
-    """The class logits of the anchors whose costs are needed, and the way back to (B, G, A) and (B, A).
+    """The class logits of the anchors whose costs are needed, and the way back to (B, G, A).
 
     cls_logits: (B, A, C), cast to ``dtype``; gt_labels: (B, G) (padded slots: any value, clamped
     into [0, C)); rows: (B, A) bool, the valid anchors (every other anchor's cost is +inf). Only
     their (V, C) logits, ``logits``, are kept for the per-class terms: on a COCO-like batch about
-    30% of the anchors, on 200 GTs per image over 90%. Terms are elementwise functions of ``logits``.
+    30% of the anchors, on 200 GTs per image over 90%. A cost is combined per row, (V, G), and
+    written into (B, G, A) once by ``scatter``.
     """
 
     def __init__(self, cls_logits: Tensor, gt_labels: Tensor, rows: Tensor, dtype: torch.dtype):
@@ -45,16 +46,18 @@ class ValidRows:
         self.labels = gt_labels.clamp(0, num_classes - 1)[self.image]  # (V, G): each row's image's GT classes
 
     def at_labels(self, values: Tensor) -> Tensor:
-        """(B, G, A) a (V, C) term at each GT slot's class (a transposed view); 0 off the rows."""
-        out = values.new_zeros(self.batch, self.num_anchors, self.labels.shape[1])
-        out[self.image, self.anchor] = values.gather(1, self.labels)
-        return out.transpose(1, 2)
+        """(V, G) a (V, C) term at each GT slot's class."""
+        return values.gather(1, self.labels)
 
-    def total(self, values: Tensor) -> Tensor:
-        """(B, A) a (V, C) term summed over the classes; 0 off the rows."""
-        out = values.new_zeros(self.batch, self.num_anchors)
-        out[self.image, self.anchor] = values.sum(dim=-1)
-        return out
+    def of_pairs(self, pairs: Tensor) -> Tensor:
+        """(V, G) the rows' entries of a (B, G, A) tensor."""
+        return pairs.transpose(1, 2)[self.image, self.anchor]
+
+    def scatter(self, per_row: Tensor) -> Tensor:
+        """(B, G, A) a (V, G) cost at its rows (a transposed view); 0 off the rows."""
+        out = per_row.new_zeros(self.batch, self.num_anchors, per_row.shape[1])
+        out[self.image, self.anchor] = per_row
+        return out.transpose(1, 2)
 
 
 def dynamic_k_match(cost: Tensor, iou: Tensor, candidate_topk: int) -> Assignment:

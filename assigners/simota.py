@@ -58,8 +58,8 @@ def one_hot_bce_cost(cls_logits: Tensor, gt_labels: Tensor, dtype: torch.dtype, 
     """
     valid = ValidRows(cls_logits, gt_labels, rows, dtype)
     negative = negative_bce(valid.logits)  # (V, C)
-    swap = valid.at_labels(positive_bce(valid.logits)) - valid.at_labels(negative)  # (B, G, A)
-    return swap.add_(valid.total(negative).unsqueeze(1))
+    swap = positive_bce(valid.at_labels(valid.logits)) - valid.at_labels(negative)  # (V, G)
+    return valid.scatter(swap.add_(negative.sum(dim=-1, keepdim=True)))
 
 
 def centre_region_mask(centers: Tensor, gt_boxes: Tensor, half_side: Tensor) -> Tensor:
